@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Install the Debian 12 packages chainfs needs to build, run, test and
+# benchmark.  Does nothing when they are all present already.
+set -euo pipefail
+pkgs=(build-essential libfuse3-dev fuse3 libglib2.0-dev zlib1g-dev meson ninja-build
+      pkg-config qemu-utils python3-pytest attr fio qemu-system-common)
+missing=()
+for p in "${pkgs[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+  echo "installing: ${missing[*]}"
+  $SUDO apt-get update -q
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q --no-install-recommends "${missing[@]}"
+fi

@@ -1,0 +1,1 @@
+/* chain.c: placeholder until its owner lands it. */

@@ -1,0 +1,1 @@
+/* directory.c: placeholder until its owner lands it. */

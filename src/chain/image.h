@@ -1,0 +1,175 @@
+/*
+ * image.h: one image file (a layer) and the driver table behind it.
+ *
+ * A ChainImage is one open image file: qcow2 or raw.  Each format is a
+ * const ImageDriver (after QEMU's BlockDriver).  Drivers know nothing of
+ * chains beyond img->backing, which chain.c sets, and which the qcow2
+ * driver uses for copy-on-write of partial clusters through
+ * chain_image_read_below().
+ *
+ * Two tiers of errors: I/O entry points (block_status, pread, pwrite,
+ * pwrite_zeroes, flush) return a negative errno and allocate nothing that
+ * outlives the call; control entry points (open, grow, set_backing) take a
+ * GError ** last, in the CHAINFS_ERROR domain, and return FALSE on failure.
+ *
+ * Locking: every I/O entry point may be called from many threads at once
+ * on the same image.  The driver guards its metadata (L1/L2 tables,
+ * refcounts, allocation) with img->meta_lock and performs data
+ * pread()/pwrite() on img->fd outside that lock.  Control entry points are
+ * called with the chain's topology lock held for writing (no I/O runs).
+ */
+#ifndef CHAINFS_IMAGE_H
+#define CHAINFS_IMAGE_H
+
+#include <stdbool.h>
+#include <stdint.h>
+#include <sys/types.h>
+#include <glib.h>
+
+#include "chain-error.h"
+
+typedef struct ChainImage ChainImage;
+typedef struct ImageDriver ImageDriver;
+
+/* What a range of ONE layer holds (not looking at its backing file). */
+typedef enum {
+    BLOCK_UNALLOCATED = 0, /* not in this layer: the backing file shows */
+    BLOCK_DATA = 1,        /* data stored in this layer */
+    BLOCK_ZERO = 2,        /* reads as zeros; recorded in this layer */
+    BLOCK_COMPRESSED = 3,  /* compressed data stored in this layer */
+} BlockStatus;
+
+/* Largest chain we resolve; deeper chains are refused (ELOOP). */
+#define CHAIN_MAX_DEPTH 1024
+
+struct ChainImage {
+    const ImageDriver *drv;
+    char *path;        /* absolute, canonical path of the file */
+    char *name;        /* file name as named in the image directory */
+    char *dir;         /* absolute directory holding the file */
+    int fd;            /* O_RDONLY or O_RDWR; see writable */
+    bool writable;     /* opened read-write (changed only by reopen) */
+    bool direct;       /* reserved: fd has O_DIRECT */
+
+    /*
+     * Sizes.  virtual_size changes only through drv->grow(), which runs with
+     * the topology lock held for writing; readers under the topology read
+     * lock may read it without meta_lock.
+     */
+    uint64_t virtual_size;
+    uint32_t cluster_size; /* allocation unit; raw reports 65536 */
+
+    /* Backing reference as stored in the file (NULL: none) and its format
+     * (NULL: not recorded, probe it).  Changed only by set_backing. */
+    char *backing_ref;
+    char *backing_fmt;
+
+    /* The resolved backing image, set by chain.c; NULL at the bottom.
+     * Not owned (the ImageSet owns every ChainImage). */
+    ChainImage *backing;
+
+    /* Guards the driver's metadata.  Never held across data I/O. */
+    GMutex meta_lock;
+
+    int refcnt;        /* users of this image in its ImageSet; chain.c */
+    void *opaque;      /* driver state (BDRVQcow2State for qcow2) */
+};
+
+struct ImageDriver {
+    const char *format_name; /* "qcow2", "raw" */
+
+    /*
+     * Score how well the first bytes of a file (buf, len >= 512 unless the
+     * file is shorter) match this format: 0 no, 1 fallback (raw), 100 sure.
+     */
+    int (*probe)(const uint8_t *buf, size_t len);
+
+    /*
+     * On entry img->fd is open (O_RDWR when writable), img->path/name/dir
+     * are set.  On success fills virtual_size, cluster_size, backing_ref,
+     * backing_fmt and opaque.  Refuses unsupported features with a message
+     * naming the feature and the file (EOPNOTSUPP), a corrupt header (EINVAL),
+     * and never writes to the file when it refuses.
+     */
+    bool (*open)(ChainImage *img, GError **error);
+
+    /* Frees driver state.  Does not flush (the caller flushed) nor close fd. */
+    void (*close)(ChainImage *img);
+
+    /*
+     * Status of this layer alone at [offset, offset + bytes); bytes > 0 and
+     * the range lies below virtual_size.  Returns a BlockStatus and sets
+     * *pnum (> 0, <= bytes) to the length of the run from offset that
+     * shares it, so callers move in runs.  Negative errno on failure.
+     */
+    int (*block_status)(ChainImage *img, uint64_t offset, uint64_t bytes,
+                        uint64_t *pnum);
+
+    /*
+     * Read this layer's content: DATA and COMPRESSED ranges give their
+     * bytes, ZERO and UNALLOCATED ranges give zeros (the chain never asks a
+     * layer for a range it does not own).  Range below virtual_size.
+     * Returns 0 or negative errno.
+     */
+    int (*pread)(ChainImage *img, uint64_t offset, void *buf, uint64_t bytes);
+
+    /*
+     * Write into this layer, any alignment.  A partial cluster not yet
+     * allocated here is completed from chain_image_read_below().  Returns 0
+     * only when every byte will read back (until a crash: durable after
+     * flush).  NULL for read-only formats.
+     */
+    int (*pwrite)(ChainImage *img, uint64_t offset, const void *buf,
+                  uint64_t bytes);
+
+    /*
+     * Make the range read as zeros.  qcow2 v3 stores whole clusters as zero
+     * clusters (freeing their data when may_unmap); partial clusters and v2
+     * are written as data (v2 with no backing may leave unallocated).
+     */
+    int (*pwrite_zeroes)(ChainImage *img, uint64_t offset, uint64_t bytes,
+                         bool may_unmap);
+
+    /* Make every completed write durable, metadata in crash-safe order. */
+    int (*flush)(ChainImage *img);
+
+    /* Grow the virtual size (never shrinks).  Durable on return. */
+    bool (*grow)(ChainImage *img, uint64_t new_size, GError **error);
+
+    /*
+     * Replace the backing reference (ref NULL: none) and its format, in one
+     * atomic header write followed by fdatasync.  Durable on return.
+     */
+    bool (*set_backing)(ChainImage *img, const char *ref, const char *fmt,
+                        GError **error);
+
+    /* Host bytes the file uses for this layer's data (for "allocated"). */
+    uint64_t (*allocated_bytes)(ChainImage *img);
+};
+
+extern const ImageDriver qcow2_driver;
+extern const ImageDriver raw_driver;
+
+/*
+ * Read [offset, offset+bytes) as img's backing chain shows it BELOW img
+ * (that is, starting at img->backing), with zeros past the end of a shorter
+ * backing file or when there is none.  Used by drivers for copy-on-write.
+ * Implemented in chain-io.c.  Returns 0 or negative errno.
+ */
+int chain_image_read_below(ChainImage *img, uint64_t offset, void *buf,
+                           uint64_t bytes);
+
+/*
+ * Read [offset, offset+bytes) of the chain as seen from img downward
+ * (img, then its backing files), zeros past any layer's end.  Per-layer
+ * walk: cost grows with depth; the export's hot path uses the chain map.
+ * Implemented in chain-io.c.
+ */
+int chain_image_read_through(ChainImage *img, uint64_t offset, void *buf,
+                             uint64_t bytes);
+
+/* Pick the driver for a file: by backing_fmt name when given, else probe. */
+const ImageDriver *image_driver_by_name(const char *format_name);
+const ImageDriver *image_probe_fd(int fd);
+
+#endif

@@ -1,0 +1,1 @@
+/* lock.c: placeholder until its owner lands it. */

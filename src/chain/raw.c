@@ -1,0 +1,1 @@
+/* raw.c: placeholder until its owner lands it. */

@@ -1,0 +1,1 @@
+/* control.c: placeholder until its owner lands it. */

@@ -1,0 +1,1 @@
+/* export.c: placeholder until its owner lands it. */

@@ -1,0 +1,1 @@
+/* active-commit.c: placeholder until its owner lands it. */

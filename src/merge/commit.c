@@ -1,0 +1,1 @@
+/* commit.c: placeholder until its owner lands it. */

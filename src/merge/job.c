@@ -1,0 +1,1 @@
+/* job.c: placeholder until its owner lands it. */

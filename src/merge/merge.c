@@ -1,0 +1,1 @@
+/* merge.c: placeholder until its owner lands it. */

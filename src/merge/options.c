@@ -1,0 +1,1 @@
+/* options.c: placeholder until its owner lands it. */

@@ -1,0 +1,1 @@
+/* snapshot.c: placeholder until its owner lands it. */

@@ -1,0 +1,1 @@
+/* chainctl-offline.c: placeholder until its owner lands it. */

@@ -1,0 +1,1 @@
+/* chainctl-online.c: placeholder until its owner lands it. */

@@ -1,1 +1,800 @@
-/* chainctl-online.c: placeholder until its owner lands it. */
+/*
+ * chainctl-online.c: chainctl on a mounted export (MOUNTPOINT/NAME).
+ *
+ * Everything goes through the user.chainfs.* extended attributes of the
+ * exported file (design.md "Control surface"): a command is one
+ * setxattr, whose failure leaves the daemon's message in
+ * user.chainfs.last_error; status is read from user.chainfs.job and
+ * user.chainfs.chain.  Waiting for a job polls user.chainfs.job every
+ * CTL_POLL_MS; the daemon offers no notification to block on.
+ */
+#include <errno.h>
+#include <inttypes.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <sys/xattr.h>
+#include <time.h>
+
+#include "chainctl.h"
+#include "json.h"
+
+#define CTL_XATTR_PREFIX "user.chainfs."
+#define CTL_POLL_MS 50
+/* How long to wait for a cancel to take effect before giving up. */
+#define CTL_CANCEL_GRACE_S 60.0
+
+/* ---- attribute access ---------------------------------------------- */
+
+/*
+ * Read user.chainfs.<attr> of path.  On success a newly allocated,
+ * NUL-terminated value; on failure NULL with errno set.  The value may
+ * grow between asking its size and reading it (a job's JSON does), so
+ * ERANGE retries.
+ */
+static char *ctl_xattr_get(const char *path, const char *attr)
+{
+    g_autofree char *name = g_strconcat(CTL_XATTR_PREFIX, attr, NULL);
+
+    for (int tries = 0; tries < 100; tries++) {
+        ssize_t len = getxattr(path, name, NULL, 0);
+        if (len < 0) {
+            if (errno == EINTR) {
+                continue;
+            }
+            return NULL;
+        }
+        g_autofree char *buf = g_malloc((gsize)len + 1);
+        ssize_t got = getxattr(path, name, buf, (size_t)len);
+        if (got < 0) {
+            if (errno == ERANGE || errno == EINTR) {
+                continue;
+            }
+            return NULL;
+        }
+        buf[got] = '\0';
+        return g_steal_pointer(&buf);
+    }
+    errno = EAGAIN;
+    return NULL;
+}
+
+int ctl_target_is_export(const char *path)
+{
+    struct stat st;
+
+    if (stat(path, &st) < 0) {
+        return -errno;
+    }
+    if (!S_ISREG(st.st_mode)) {
+        return 0;
+    }
+    if (getxattr(path, CTL_XATTR_PREFIX "chain", NULL, 0) >= 0) {
+        return 1;
+    }
+    /* No such attribute, or none on this filesystem: an ordinary file.
+     * Anything else (EACCES: an export we may not read) is reported. */
+    if (errno == ENODATA || errno == ENOTSUP) {
+        return 0;
+    }
+    return -errno;
+}
+
+/* The export name: the file name under the mount point. */
+static char *ctl_export_name(const char *path)
+{
+    return g_path_get_basename(path);
+}
+
+/*
+ * Run one command: write value to user.chainfs.<attr>.  On refusal print
+ * the daemon's last_error (or, when the daemon never saw the request, as
+ * with a permission check in the kernel, the errno) and return
+ * CTL_EXIT_FAIL.
+ */
+static int ctl_command(const char *path, const char *attr, const char *value)
+{
+    g_autofree char *name = g_strconcat(CTL_XATTR_PREFIX, attr, NULL);
+    g_autofree char *before = ctl_xattr_get(path, "last_error");
+    g_autofree char *after = NULL;
+    g_autofree char *export_name = ctl_export_name(path);
+    int err;
+    int r;
+
+    do {
+        r = setxattr(path, name, value, strlen(value), 0);
+    } while (r < 0 && errno == EINTR);
+    if (r == 0) {
+        return CTL_EXIT_OK;
+    }
+    err = errno;
+    after = ctl_xattr_get(path, "last_error");
+    if (after && after[0] &&
+        (g_strcmp0(before, after) != 0 ||
+         (err != EACCES && err != EPERM && err != ENOTSUP))) {
+        return ctl_fail("%s", after);
+    }
+    return ctl_fail("%s on %s refused: %s", attr, export_name,
+                    g_strerror(err));
+}
+
+/* ---- job status ---------------------------------------------------- */
+
+typedef struct {
+    char *json;     /* the whole user.chainfs.job value */
+    char *id;       /* NULL: no job yet ("{}") */
+    char *type;
+    char *state;
+    char *error;
+    uint64_t offset;
+    uint64_t len;
+    uint64_t speed;
+} CtlJob;
+
+static void ctl_job_clear(CtlJob *j)
+{
+    g_free(j->json);
+    g_free(j->id);
+    g_free(j->type);
+    g_free(j->state);
+    g_free(j->error);
+    memset(j, 0, sizeof(*j));
+}
+
+G_DEFINE_AUTO_CLEANUP_CLEAR_FUNC(CtlJob, ctl_job_clear)
+
+/* Read the job of path into j (cleared first).  FALSE with errno set
+ * when the attribute cannot be read. */
+static bool ctl_job_read(const char *path, CtlJob *j)
+{
+    ctl_job_clear(j);
+    j->json = ctl_xattr_get(path, "job");
+    if (!j->json) {
+        return false;
+    }
+    j->id = json_get_member(j->json, "id");
+    j->type = json_get_member(j->json, "type");
+    j->state = json_get_member(j->json, "state");
+    j->error = json_get_member(j->json, "error");
+    if (g_strcmp0(j->error, "null") == 0) {
+        g_clear_pointer(&j->error, g_free);
+    }
+    json_get_uint(j->json, "offset", &j->offset);
+    json_get_uint(j->json, "len", &j->len);
+    json_get_uint(j->json, "speed", &j->speed);
+    return true;
+}
+
+static bool ctl_state_is_final(const char *state)
+{
+    return g_strcmp0(state, "completed") == 0 ||
+           g_strcmp0(state, "failed") == 0 ||
+           g_strcmp0(state, "cancelled") == 0;
+}
+
+/* virsh's name for a job type. */
+static const char *ctl_job_label(const char *type)
+{
+    if (g_strcmp0(type, "active-commit") == 0) {
+        return "Active Block Commit";
+    }
+    if (g_strcmp0(type, "stream") == 0) {
+        return "Block Pull";
+    }
+    return "Block Commit";
+}
+
+static double ctl_now(void)
+{
+    struct timespec ts;
+
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
+}
+
+/* How a wait ended. */
+typedef enum {
+    CTL_WAIT_SETTLED,     /* the job reached a state the caller waits for */
+    CTL_WAIT_TIMED_OUT,   /* deadline passed (job cancelled if asked) */
+    CTL_WAIT_INTERRUPTED, /* Ctrl-C (job cancelled if asked) */
+    CTL_WAIT_ERROR,       /* could not read the status; message printed */
+} CtlWaitResult;
+
+typedef struct {
+    const char *path;
+    const char *id;        /* the job waited on; NULL: whichever is current */
+    bool stop_at_ready;    /* ready counts as settled */
+    bool stop_at_paused;   /* paused counts as settled */
+    CtlProgress *progress; /* NULL: quiet */
+    double deadline;       /* ctl_now() value, 0: none */
+    bool cancel;           /* cancel the job on timeout / interrupt */
+} CtlWait;
+
+/*
+ * Cancel the job and wait (a bounded time) until it has ended, so that
+ * the chain is settled when chainctl exits.
+ */
+static void ctl_cancel_and_settle(const CtlWait *w)
+{
+    g_auto(CtlJob) j = { 0 };
+    double until = ctl_now() + CTL_CANCEL_GRACE_S;
+    int r;
+
+    do {
+        r = setxattr(w->path, CTL_XATTR_PREFIX "job.cancel", "", 0, 0);
+    } while (r < 0 && errno == EINTR);
+    while (ctl_now() < until) {
+        if (!ctl_job_read(w->path, &j) || ctl_state_is_final(j.state) ||
+            (w->id && g_strcmp0(j.id, w->id) != 0)) {
+            return;
+        }
+        ctl_nap(CTL_POLL_MS);
+    }
+}
+
+/*
+ * Poll the job of w->path until it settles: completed, failed or
+ * cancelled, or ready/paused when w says so.  On exit *j holds the last
+ * status read (for CTL_WAIT_SETTLED: the settled one).
+ */
+static CtlWaitResult ctl_wait_job(const CtlWait *w, CtlJob *j)
+{
+    for (;;) {
+        if (!ctl_job_read(w->path, j)) {
+            ctl_fail("cannot read the job of %s: %s", w->path,
+                     g_strerror(errno));
+            return CTL_WAIT_ERROR;
+        }
+        if (w->id && g_strcmp0(j->id, w->id) != 0) {
+            ctl_fail("job %s on %s was replaced by job %s", w->id, w->path,
+                     j->id ? j->id : "(none)");
+            return CTL_WAIT_ERROR;
+        }
+        if (!j->state) {
+            ctl_fail("no job on %s", w->path);
+            return CTL_WAIT_ERROR;
+        }
+        if (w->progress) {
+            if (g_strcmp0(j->state, "completed") == 0 ||
+                g_strcmp0(j->state, "ready") == 0) {
+                /* Done means 100 %, even for a job of length 0. */
+                ctl_progress_update(w->progress, 1, 1);
+            } else {
+                ctl_progress_update(w->progress, j->offset, j->len);
+            }
+        }
+        if (ctl_state_is_final(j->state) ||
+            (w->stop_at_ready && g_strcmp0(j->state, "ready") == 0) ||
+            (w->stop_at_paused && g_strcmp0(j->state, "paused") == 0)) {
+            if (w->progress) {
+                ctl_progress_done(w->progress);
+            }
+            return CTL_WAIT_SETTLED;
+        }
+        if (ctl_interrupted) {
+            if (w->progress) {
+                ctl_progress_done(w->progress);
+            }
+            if (w->cancel) {
+                ctl_cancel_and_settle(w);
+            }
+            return CTL_WAIT_INTERRUPTED;
+        }
+        if (w->deadline > 0 && ctl_now() >= w->deadline) {
+            if (w->progress) {
+                ctl_progress_done(w->progress);
+            }
+            if (w->cancel) {
+                ctl_cancel_and_settle(w);
+            }
+            return CTL_WAIT_TIMED_OUT;
+        }
+        ctl_nap(CTL_POLL_MS);
+    }
+}
+
+/* Exit status and message for a wait that did not settle. */
+static int ctl_wait_failed(CtlWaitResult r, const CtlWait *w, double timeout,
+                           const char *name)
+{
+    switch (r) {
+    case CTL_WAIT_TIMED_OUT:
+        if (w->cancel) {
+            return ctl_fail("timed out after %g s: job %s on %s cancelled",
+                            timeout, w->id ? w->id : "", name);
+        }
+        return ctl_fail("timed out after %g s waiting for the job on %s",
+                        timeout, name);
+    case CTL_WAIT_INTERRUPTED:
+        if (w->cancel) {
+            return ctl_fail("interrupted: job %s on %s cancelled",
+                            w->id ? w->id : "", name);
+        }
+        return ctl_fail("interrupted while waiting for the job on %s", name);
+    default:
+        return CTL_EXIT_FAIL; /* message already printed */
+    }
+}
+
+/* A job that ended other than completed: its error, as one line. */
+static int ctl_job_ended_badly(const CtlJob *j, const char *name)
+{
+    if (g_strcmp0(j->state, "failed") == 0) {
+        return ctl_fail("job %s on %s failed: %s", j->id ? j->id : "", name,
+                        j->error && j->error[0] ? j->error : "unknown error");
+    }
+    return ctl_fail("job %s on %s ended %s", j->id ? j->id : "", name,
+                    j->state ? j->state : "(no state)");
+}
+
+/*
+ * Start a job with one command and return its id in *id (after the
+ * command succeeded).  The daemon registers the job before the setxattr
+ * returns, so the job read right after is the new one.
+ */
+static int ctl_start_job(const char *path, const char *attr,
+                         const char *words, char **id)
+{
+    g_auto(CtlJob) j = { 0 };
+    int r = ctl_command(path, attr, words);
+
+    if (r != CTL_EXIT_OK) {
+        return r;
+    }
+    if (!ctl_job_read(path, &j) || !j.id) {
+        return ctl_fail("%s started, but its job cannot be read: %s", attr,
+                        g_strerror(errno ? errno : EIO));
+    }
+    *id = g_steal_pointer(&j.id);
+    return CTL_EXIT_OK;
+}
+
+/* ---- info ---------------------------------------------------------- */
+
+/* Member text of a layer object; "null" and absence give NULL. */
+static char *ctl_member(const char *obj, const char *key)
+{
+    char *v = json_get_member(obj, key);
+
+    if (g_strcmp0(v, "null") == 0) {
+        g_clear_pointer(&v, g_free);
+    }
+    return v;
+}
+
+static void ctl_print_job_line(const CtlJob *j)
+{
+    int percent = j->len ? (int)((double)j->offset * 100.0 / (double)j->len)
+                         : (g_strcmp0(j->state, "completed") == 0 ? 100 : 0);
+
+    printf("%s: [%3d %%]    State: %s", ctl_job_label(j->type), percent,
+           j->state);
+    if (j->speed) {
+        printf("    Bandwidth limit: %" PRIu64 " bytes/s", j->speed);
+    }
+    printf("\n");
+}
+
+int ctl_online_info(const char *path, bool json)
+{
+    g_autofree char *chain = ctl_xattr_get(path, "chain");
+    g_autofree char *layers_text = NULL;
+    g_autoptr(GPtrArray) layers = NULL;
+    g_auto(CtlJob) j = { 0 };
+
+    if (!chain) {
+        return ctl_fail("cannot read the chain of %s: %s", path,
+                        g_strerror(errno));
+    }
+    if (!ctl_job_read(path, &j)) {
+        return ctl_fail("cannot read the job of %s: %s", path,
+                        g_strerror(errno));
+    }
+    if (json) {
+        /* design.md's chain object, with the job as one more member. */
+        g_autoptr(GString) out = g_string_new(g_strstrip(chain));
+        if (out->len == 0 || out->str[out->len - 1] != '}') {
+            return ctl_fail("malformed chain JSON from %s", path);
+        }
+        g_string_truncate(out, out->len - 1);
+        json_append_key(out, "job");
+        g_string_append(out, g_strstrip(j.json));
+        g_string_append(out, "}");
+        printf("%s\n", out->str);
+        return CTL_EXIT_OK;
+    }
+    layers_text = json_get_member(chain, "layers");
+    layers = layers_text ? ctl_json_array_items(layers_text) : NULL;
+    if (!layers) {
+        return ctl_fail("malformed chain JSON from %s", path);
+    }
+    for (guint i = 0; i < layers->len; i++) {
+        const char *l = g_ptr_array_index(layers, i);
+        g_autofree char *file = ctl_member(l, "file");
+        g_autofree char *format = ctl_member(l, "format");
+        g_autofree char *backing = ctl_member(l, "backing");
+        g_autofree char *backing_fmt = ctl_member(l, "backing_format");
+        g_autofree char *vsize_h = NULL, *alloc_h = NULL;
+        uint64_t vsize = 0, alloc = 0, cluster = 0;
+
+        json_get_uint(l, "virtual_size", &vsize);
+        json_get_uint(l, "allocated", &alloc);
+        vsize_h = ctl_human_size(vsize);
+        alloc_h = ctl_human_size(alloc);
+        if (i > 0) {
+            printf("\n");
+        }
+        printf("image: %s\n", file ? file : "?");
+        printf("file format: %s\n", format ? format : "?");
+        printf("virtual size: %s (%" PRIu64 " bytes)\n", vsize_h, vsize);
+        printf("allocated: %s (%" PRIu64 " bytes)\n", alloc_h, alloc);
+        if (json_get_uint(l, "cluster_size", &cluster) &&
+            g_strcmp0(format, "raw") != 0) {
+            printf("cluster_size: %" PRIu64 "\n", cluster);
+        }
+        if (backing) {
+            printf("backing file: %s\n", backing);
+            /* The daemon names the backing format only by the next layer. */
+            if (!backing_fmt && i + 1 < layers->len) {
+                backing_fmt = ctl_member(g_ptr_array_index(layers, i + 1),
+                                         "format");
+            }
+            if (backing_fmt) {
+                printf("backing file format: %s\n", backing_fmt);
+            }
+        }
+    }
+    if (j.state) {
+        printf("\n");
+        ctl_print_job_line(&j);
+    }
+    return CTL_EXIT_OK;
+}
+
+/* ---- commit -------------------------------------------------------- */
+
+/*
+ * --dry-run on an export: the daemon has no estimate command, so add up
+ * what the layers from top down to base (base excluded) allocate: no
+ * commit writes more than that into base.
+ */
+static int ctl_online_commit_dry_run(const char *path, const CtlCommitArgs *a)
+{
+    g_autofree char *chain = ctl_xattr_get(path, "chain");
+    g_autofree char *layers_text = NULL;
+    g_autoptr(GPtrArray) layers = NULL;
+    g_autoptr(GPtrArray) files = g_ptr_array_new_with_free_func(g_free);
+    g_autofree char *need_h = NULL;
+    int top = -1, base = -1;
+    uint64_t need = 0;
+
+    if (!chain) {
+        return ctl_fail("cannot read the chain of %s: %s", path,
+                        g_strerror(errno));
+    }
+    layers_text = json_get_member(chain, "layers");
+    layers = layers_text ? ctl_json_array_items(layers_text) : NULL;
+    if (!layers || layers->len == 0) {
+        return ctl_fail("malformed chain JSON from %s", path);
+    }
+    for (guint i = 0; i < layers->len; i++) {
+        char *file = ctl_member(g_ptr_array_index(layers, i), "file");
+        g_ptr_array_add(files, file ? file : g_strdup(""));
+        if (a->top && g_strcmp0(file, a->top) == 0) {
+            top = (int)i;
+        }
+        if (a->base && g_strcmp0(file, a->base) == 0) {
+            base = (int)i;
+        }
+    }
+    if (!a->top) {
+        top = 0;
+    }
+    if (top < 0) {
+        return ctl_fail("no layer %s in the chain of %s", a->top, path);
+    }
+    if (a->shallow && a->base) {
+        return ctl_fail("shallow and base= exclude each other");
+    }
+    if (a->base && base < 0) {
+        return ctl_fail("no layer %s in the chain of %s", a->base, path);
+    }
+    if (!a->base) {
+        base = a->shallow ? top + 1 : (int)layers->len - 1;
+    }
+    if (base <= top || base >= (int)layers->len) {
+        return ctl_fail("base %s is not below top %s",
+                        base < (int)layers->len && base >= 0 ?
+                        (char *)g_ptr_array_index(files, base) : "(none)",
+                        (char *)g_ptr_array_index(files, top));
+    }
+    for (int i = top; i < base; i++) {
+        uint64_t alloc = 0;
+        json_get_uint(g_ptr_array_index(layers, i), "allocated", &alloc);
+        need += alloc;
+    }
+    need_h = ctl_human_size(need);
+    printf("top: %s\nbase: %s\nneeds: %" PRIu64 " bytes (%s, upper bound)\n",
+           (char *)g_ptr_array_index(files, top),
+           (char *)g_ptr_array_index(files, base), need, need_h);
+    return CTL_EXIT_OK;
+}
+
+static char *ctl_commit_words(const CtlCommitArgs *a)
+{
+    GString *w = g_string_new(NULL);
+
+    if (a->top) {
+        g_string_append_printf(w, " top=%s", a->top);
+    }
+    if (a->base) {
+        g_string_append_printf(w, " base=%s", a->base);
+    }
+    if (a->shallow) {
+        g_string_append(w, " shallow");
+    }
+    if (a->active) {
+        g_string_append(w, " active");
+    }
+    if (a->delete_dropped) {
+        g_string_append(w, " delete");
+    }
+    if (a->keep_relative) {
+        g_string_append(w, " keep-relative");
+    }
+    if (a->force) {
+        g_string_append(w, " force");
+    }
+    if (a->has_bandwidth) {
+        g_string_append_printf(w, " bandwidth=%" PRIu64, a->bandwidth);
+    }
+    if (w->len > 0) {
+        g_string_erase(w, 0, 1);
+    }
+    return g_string_free(w, FALSE);
+}
+
+int ctl_online_commit(const char *path, const CtlCommitArgs *a)
+{
+    g_autofree char *words = NULL;
+    g_autofree char *id = NULL;
+    g_autofree char *name = ctl_export_name(path);
+    g_auto(CtlJob) j = { 0 };
+    CtlProgress progress;
+    CtlWait w = { 0 };
+    CtlWaitResult wr;
+    int r;
+
+    if (a->dry_run) {
+        return ctl_online_commit_dry_run(path, a);
+    }
+    words = ctl_commit_words(a);
+    if (a->wait) {
+        /* Catch Ctrl-C before the job exists: no window to lose it in. */
+        ctl_catch_sigint();
+    }
+    r = ctl_start_job(path, "commit", words, &id);
+    if (r != CTL_EXIT_OK) {
+        return r;
+    }
+    if (!a->wait) {
+        printf("%s started\n", a->active ? "Active Block Commit"
+                                         : "Block Commit");
+        return CTL_EXIT_OK;
+    }
+    w.path = path;
+    w.id = id;
+    w.stop_at_ready = a->active;
+    w.cancel = true;
+    if (a->timeout > 0) {
+        w.deadline = ctl_now() + a->timeout;
+    }
+    if (a->verbose) {
+        ctl_progress_init(&progress, a->active ? "Active Block Commit"
+                                               : "Block Commit");
+        w.progress = &progress;
+    }
+    wr = ctl_wait_job(&w, &j);
+    if (wr != CTL_WAIT_SETTLED) {
+        return ctl_wait_failed(wr, &w, a->timeout, name);
+    }
+    if (g_strcmp0(j.state, "completed") == 0) {
+        printf("Commit complete\n");
+        return CTL_EXIT_OK;
+    }
+    if (g_strcmp0(j.state, "ready") != 0) {
+        return ctl_job_ended_badly(&j, name);
+    }
+    /* Active commit in ready: base is in sync. */
+    if (!a->pivot && !a->keep_overlay) {
+        printf("Now in synchronized phase\n");
+        return CTL_EXIT_OK;
+    }
+    r = ctl_command(path, a->pivot ? "job.pivot" : "job.cancel", "");
+    if (r != CTL_EXIT_OK) {
+        return r;
+    }
+    w.stop_at_ready = false;
+    w.progress = NULL;
+    /* A pivot asked for must not turn into a cancel on Ctrl-C. */
+    w.cancel = false;
+    wr = ctl_wait_job(&w, &j);
+    if (wr != CTL_WAIT_SETTLED) {
+        return ctl_wait_failed(wr, &w, a->timeout, name);
+    }
+    if (a->pivot && g_strcmp0(j.state, "completed") == 0) {
+        printf("Successfully pivoted\n");
+        return CTL_EXIT_OK;
+    }
+    if (a->keep_overlay && g_strcmp0(j.state, "cancelled") == 0) {
+        printf("Commit complete, overlay image kept\n");
+        return CTL_EXIT_OK;
+    }
+    return ctl_job_ended_badly(&j, name);
+}
+
+/* ---- stream -------------------------------------------------------- */
+
+int ctl_online_stream(const char *path, const CtlStreamArgs *a)
+{
+    g_autoptr(GString) words = g_string_new(NULL);
+    g_autofree char *id = NULL;
+    g_autofree char *name = ctl_export_name(path);
+    g_auto(CtlJob) j = { 0 };
+    CtlProgress progress;
+    CtlWait w = { 0 };
+    CtlWaitResult wr;
+    int r;
+
+    if (a->base) {
+        g_string_append_printf(words, "base=%s", a->base);
+    }
+    if (a->has_bandwidth) {
+        g_string_append_printf(words, "%sbandwidth=%" PRIu64,
+                               words->len ? " " : "", a->bandwidth);
+    }
+    if (a->wait) {
+        ctl_catch_sigint();
+    }
+    r = ctl_start_job(path, "stream", words->str, &id);
+    if (r != CTL_EXIT_OK) {
+        return r;
+    }
+    if (!a->wait) {
+        printf("Block Pull started\n");
+        return CTL_EXIT_OK;
+    }
+    w.path = path;
+    w.id = id;
+    w.cancel = true;
+    if (a->timeout > 0) {
+        w.deadline = ctl_now() + a->timeout;
+    }
+    if (a->verbose) {
+        ctl_progress_init(&progress, "Block Pull");
+        w.progress = &progress;
+    }
+    wr = ctl_wait_job(&w, &j);
+    if (wr != CTL_WAIT_SETTLED) {
+        return ctl_wait_failed(wr, &w, a->timeout, name);
+    }
+    if (g_strcmp0(j.state, "completed") == 0) {
+        printf("Pull complete\n");
+        return CTL_EXIT_OK;
+    }
+    return ctl_job_ended_badly(&j, name);
+}
+
+/* ---- job ----------------------------------------------------------- */
+
+int ctl_online_job(const char *path, const CtlJobArgs *a)
+{
+    g_autofree char *name = ctl_export_name(path);
+    g_autofree char *id = NULL;
+    g_auto(CtlJob) j = { 0 };
+    CtlProgress progress;
+    CtlWait w = { 0 };
+    CtlWaitResult wr;
+    int r = CTL_EXIT_OK;
+
+    if (!ctl_job_read(path, &j)) {
+        return ctl_fail("cannot read the job of %s: %s", path,
+                        g_strerror(errno));
+    }
+    switch (a->verb) {
+    case CTL_JOB_INFO:
+        if (!a->wait) {
+            if (a->json) {
+                printf("%s\n", g_strstrip(j.json));
+            } else if (!j.state) {
+                printf("No current block job for %s\n", name);
+            } else {
+                ctl_print_job_line(&j);
+                if (j.error && j.error[0]) {
+                    printf("Error: %s\n", j.error);
+                }
+            }
+            return CTL_EXIT_OK;
+        }
+        break;
+    case CTL_JOB_ABORT:
+        r = ctl_command(path, "job.cancel", "");
+        break;
+    case CTL_JOB_PIVOT:
+        r = ctl_command(path, "job.pivot", "");
+        break;
+    case CTL_JOB_PAUSE:
+        r = ctl_command(path, "job.pause", "");
+        break;
+    case CTL_JOB_RESUME:
+        r = ctl_command(path, "job.resume", "");
+        break;
+    case CTL_JOB_SPEED: {
+        g_autofree char *v = g_strdup_printf("%" PRIu64, a->speed);
+        r = ctl_command(path, "job.speed", v);
+        break;
+    }
+    }
+    if (r != CTL_EXIT_OK || !a->wait) {
+        return r;
+    }
+    if (!j.state) {
+        return ctl_fail("no job on %s", name);
+    }
+    /*
+     * --wait: until the job settles.  After --pause that is paused; an
+     * active commit also settles in ready, except after --pivot or
+     * --abort, which end it.
+     */
+    ctl_catch_sigint();
+    id = g_strdup(j.id);
+    w.path = path;
+    w.id = id;
+    w.stop_at_paused = a->verb == CTL_JOB_PAUSE;
+    w.stop_at_ready = a->verb != CTL_JOB_PIVOT && a->verb != CTL_JOB_ABORT;
+    w.cancel = false; /* chainctl job waits on a job it did not start */
+    if (a->timeout > 0) {
+        w.deadline = ctl_now() + a->timeout;
+    }
+    if (a->verbose) {
+        ctl_progress_init(&progress, ctl_job_label(j.type));
+        w.progress = &progress;
+    }
+    wr = ctl_wait_job(&w, &j);
+    if (wr != CTL_WAIT_SETTLED) {
+        return ctl_wait_failed(wr, &w, a->timeout, name);
+    }
+    if (g_strcmp0(j.state, "failed") == 0) {
+        return ctl_job_ended_badly(&j, name);
+    }
+    if (a->verb == CTL_JOB_PIVOT) {
+        if (g_strcmp0(j.state, "completed") != 0) {
+            return ctl_job_ended_badly(&j, name);
+        }
+        printf("Successfully pivoted\n");
+    } else if (a->verb == CTL_JOB_ABORT) {
+        printf("Job %s\n", j.state);
+    } else {
+        ctl_print_job_line(&j);
+    }
+    return CTL_EXIT_OK;
+}
+
+/* ---- snapshot ------------------------------------------------------ */
+
+int ctl_online_snapshot(const char *path, const char *file)
+{
+    g_autofree char *name = ctl_export_name(path);
+    int r;
+
+    if (strpbrk(file, " \t\r\n")) {
+        return ctl_fail("snapshot file name \"%s\" must not hold blanks",
+                        file);
+    }
+    r = ctl_command(path, "snapshot", file);
+    if (r != CTL_EXIT_OK) {
+        return r;
+    }
+    printf("Snapshot %s created: now the active layer of %s\n", file, name);
+    return CTL_EXIT_OK;
+}

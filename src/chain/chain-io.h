@@ -33,7 +33,10 @@ int chain_pwrite_zeroes(Chain *chain, uint64_t offset, uint64_t bytes);
 /* Flush every writable layer of the chain. */
 int chain_flush(Chain *chain);
 
-/* Same, for callers already holding the topology lock (read or write). */
+/* Same, for callers already holding the topology lock (read or write).
+ * chain_pwrite_locked is the full guest write (range lock while the chain
+ * serialises, map update, write hook): do not call it while holding an
+ * overlapping range lock. */
 int chain_pread_locked(Chain *chain, uint64_t offset, void *buf,
                        uint64_t bytes);
 int chain_pwrite_locked(Chain *chain, uint64_t offset, const void *buf,
@@ -52,9 +55,11 @@ int chain_range_kind(Chain *chain, uint64_t offset, uint64_t bytes,
  * of them, from top down, that has the range allocated decides.  Returns
  * BLOCK_UNALLOCATED when none has it, else BLOCK_DATA or BLOCK_ZERO (a
  * compressed cluster counts as DATA), with the run length in *pnum and the
- * deciding layer's index in *owner (-1 when unallocated).  Ranges past a
- * layer's end count as unallocated in that layer.  Caller holds the
- * topology lock.  Jobs use it to find what to copy.
+ * deciding layer's index in *owner (-1 when unallocated).  A range past a
+ * layer's end reads as zeros from that layer down (as in QEMU, a shorter
+ * backing file hides what lies below its end): it is BLOCK_ZERO owned by
+ * that layer.  Caller holds the topology lock.  Jobs use it to find what
+ * to copy.
  */
 int chain_status_above(Chain *chain, guint top, guint base, uint64_t offset,
                        uint64_t bytes, uint64_t *pnum, int *owner);
@@ -66,9 +71,13 @@ int chain_status_above(Chain *chain, guint top, guint base, uint64_t offset,
 int chain_pread_from(Chain *chain, guint from, uint64_t offset, void *buf,
                      uint64_t bytes);
 
-/* Forget the chain map (after a topology change; chain.c calls it). */
+/* Forget the chain map (after a topology change; chain.c calls it).
+ * Call with the topology write lock held. */
 void chain_map_invalidate(Chain *chain);
 void chain_map_free(ChainMap *map);
+/* After chain_push_top (topology write lock held): keep the map when the
+ * new, empty top does not need a finer granule, else forget it. */
+void chain_map_note_push(Chain *chain);
 
 /*
  * Range locks for serialising requests (see Chain.serialize_count):

@@ -84,8 +84,10 @@ void image_set_release(ImageSet *set, ChainImage *img);
 /*
  * Reopen img read-write or read-only, atomically: the new fd and its locks
  * are acquired before the old fd is closed; on failure img is untouched.
- * Call with the topology write lock of every chain using img held, or
- * where no I/O can run.
+ * img->fd keeps its number (the new open file description is dup3()ed
+ * onto it), so drivers keep no per-descriptor state to redo.  Going
+ * read-only flushes first.  Call with the topology write lock of every
+ * chain using img held, or where no I/O can run.
  */
 bool chain_image_reopen(ChainImage *img, bool writable, GError **error);
 
@@ -117,7 +119,9 @@ static inline guint chain_depth(Chain *chain)
     return chain->layers->len;
 }
 
-/* Topology lock, writer-preferring (see Chain). */
+/* Topology lock, writer-preferring (see Chain).  Nests within a thread:
+ * a holder (read or write) may call entry points that take it again; a
+ * read holder must not ask for the write lock. */
 void chain_topo_rdlock(Chain *chain);
 void chain_topo_wrlock(Chain *chain);
 void chain_topo_unlock(Chain *chain);

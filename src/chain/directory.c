@@ -1,1 +1,584 @@
-/* directory.c: placeholder until its owner lands it. */
+/*
+ * directory.c: which chains an image directory holds, and the state file
+ * (see directory.h).
+ *
+ * Discovery reads just enough of each file to know its format and its
+ * backing reference: it opens no chain and takes no image lock, so it can
+ * run while the images are in use (by us or by QEMU).  Resolving a chain
+ * for real, with every refusal, is chain_open()'s job; a top whose backing
+ * reference is broken is still listed here, so that the daemon can say why
+ * it leaves that chain out.
+ */
+#include <errno.h>
+#include <fcntl.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "directory.h"
+
+#define QCOW2_MAGIC_BYTES "QFI\xfb"
+#define MAX_BACKING_NAME 1023
+
+/* What discovery knows about one file of the directory. */
+typedef struct {
+    char *name;        /* file name in the directory */
+    bool qcow2;
+    char *backing;     /* name (in dir) the backing reference resolves to,
+                          NULL when none or when it leaves the directory */
+    bool has_ref;      /* has a backing reference at all */
+} DirImage;
+
+static void dir_image_free(gpointer p)
+{
+    DirImage *d = p;
+
+    g_free(d->name);
+    g_free(d->backing);
+    g_free(d);
+}
+
+void dir_chain_free(DirChain *c)
+{
+    if (!c) {
+        return;
+    }
+    g_free(c->top_file);
+    g_free(c->export_name);
+    g_free(c);
+}
+
+static bool read_full(int fd, void *buf, size_t len, uint64_t off)
+{
+    uint8_t *p = buf;
+
+    while (len > 0) {
+        ssize_t n = pread(fd, p, len, off);
+
+        if (n < 0 && errno == EINTR) {
+            continue;
+        }
+        if (n <= 0) {
+            if (n == 0) {
+                errno = EIO;
+            }
+            return false;
+        }
+        p += n;
+        off += n;
+        len -= n;
+    }
+    return true;
+}
+
+static uint64_t be64(const uint8_t *p)
+{
+    uint64_t v = 0;
+
+    for (int i = 0; i < 8; i++) {
+        v = (v << 8) | p[i];
+    }
+    return v;
+}
+
+static uint32_t be32(const uint8_t *p)
+{
+    return ((uint32_t)p[0] << 24) | ((uint32_t)p[1] << 16) |
+           ((uint32_t)p[2] << 8) | p[3];
+}
+
+/*
+ * Read the header of dir/name.  On success *qcow2 says whether it has the
+ * qcow2 magic, and *ref the raw backing reference (NULL: none).
+ */
+static bool dir_read_header(const char *dir, const char *name, bool *qcow2,
+                            char **ref, GError **error)
+{
+    g_autofree char *path = g_build_filename(dir, name, NULL);
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    uint8_t hdr[20];
+    struct stat st;
+
+    *qcow2 = false;
+    *ref = NULL;
+    if (fd < 0) {
+        int err = errno;
+
+        chainfs_set_error(error, err, "%s: %s", name, g_strerror(err));
+        return false;
+    }
+    if (fstat(fd, &st) < 0) {
+        int err = errno;
+
+        chainfs_set_error(error, err, "%s: %s", name, g_strerror(err));
+        close(fd);
+        return false;
+    }
+    if ((uint64_t)st.st_size < sizeof(hdr)) {
+        close(fd);
+        return true; /* too short for qcow2: raw, if anything */
+    }
+    if (!read_full(fd, hdr, sizeof(hdr), 0)) {
+        int err = errno;
+
+        chainfs_set_error(error, err, "%s: cannot read header: %s", name,
+                          g_strerror(err));
+        close(fd);
+        return false;
+    }
+    if (memcmp(hdr, QCOW2_MAGIC_BYTES, 4) != 0) {
+        close(fd);
+        return true;
+    }
+    *qcow2 = true;
+
+    uint32_t version = be32(hdr + 4);
+    uint64_t boff = be64(hdr + 8);
+    uint32_t blen = be32(hdr + 16);
+
+    if (version != 2 && version != 3) {
+        chainfs_set_error(error, EOPNOTSUPP,
+                          "%s: qcow2 version %u is not supported", name,
+                          version);
+        close(fd);
+        return false;
+    }
+    if (boff != 0 && blen != 0) {
+        if (blen > MAX_BACKING_NAME || boff + blen > (uint64_t)st.st_size) {
+            chainfs_set_error(error, EINVAL,
+                              "%s: corrupt backing file name in the header",
+                              name);
+            close(fd);
+            return false;
+        }
+
+        g_autofree char *buf = g_malloc0(blen + 1);
+
+        if (!read_full(fd, buf, blen, boff)) {
+            int err = errno;
+
+            chainfs_set_error(error, err, "%s: cannot read backing file "
+                              "name: %s", name, g_strerror(err));
+            close(fd);
+            return false;
+        }
+        *ref = g_steal_pointer(&buf);
+    }
+    close(fd);
+    return true;
+}
+
+/* The name inside canon_dir that path resolves to, relative to canon_dir
+ * (the image's own directory), or NULL when it is not a direct child. */
+static char *dir_resolve(const char *canon_dir, const char *ref)
+{
+    g_autofree char *joined = g_path_is_absolute(ref)
+        ? g_strdup(ref) : g_build_filename(canon_dir, ref, NULL);
+    char *canon = realpath(joined, NULL);
+    char *ret = NULL;
+
+    if (!canon) {
+        return NULL;
+    }
+
+    g_autofree char *parent = g_path_get_dirname(canon);
+
+    if (strcmp(parent, canon_dir) == 0) {
+        ret = g_path_get_basename(canon);
+    }
+    free(canon);
+    return ret;
+}
+
+static bool has_raw_extension(const char *name)
+{
+    return g_str_has_suffix(name, ".img") || g_str_has_suffix(name, ".raw");
+}
+
+/*
+ * Scan the directory: every regular, non-hidden file with its header.
+ * Returns name -> DirImage (raw files included; the caller decides whether
+ * a raw one is an image).  canon_dir receives the canonical directory.
+ */
+static GHashTable *dir_scan(const char *dir, char **canon_dir,
+                            GPtrArray *warnings, GError **error)
+{
+    char *c = realpath(dir, NULL);
+
+    if (!c) {
+        int err = errno;
+
+        chainfs_set_error(error, err, "image directory %s: %s", dir,
+                          g_strerror(err));
+        return NULL;
+    }
+    *canon_dir = g_strdup(c);
+    free(c);
+
+    g_autoptr(GError) local = NULL;
+    GDir *d = g_dir_open(*canon_dir, 0, &local);
+
+    if (!d) {
+        chainfs_set_error(error, EIO, "image directory %s: %s", dir,
+                          local->message);
+        g_clear_pointer(canon_dir, g_free);
+        return NULL;
+    }
+
+    GHashTable *images = g_hash_table_new_full(g_str_hash, g_str_equal, NULL,
+                                               dir_image_free);
+    const char *name;
+
+    while ((name = g_dir_read_name(d))) {
+        g_autofree char *path = g_build_filename(*canon_dir, name, NULL);
+        g_autoptr(GError) err = NULL;
+        struct stat st;
+        bool qcow2;
+        char *ref;
+
+        if (name[0] == '.' || stat(path, &st) < 0 || !S_ISREG(st.st_mode)) {
+            continue;
+        }
+        if (!dir_read_header(*canon_dir, name, &qcow2, &ref, &err)) {
+            if (warnings) {
+                g_ptr_array_add(warnings, g_strdup(err->message));
+            }
+            continue;
+        }
+
+        DirImage *di = g_new0(DirImage, 1);
+
+        di->name = g_strdup(name);
+        di->qcow2 = qcow2;
+        di->has_ref = ref != NULL;
+        if (ref) {
+            di->backing = dir_resolve(*canon_dir, ref);
+            g_free(ref);
+        }
+        g_hash_table_insert(images, di->name, di);
+    }
+    g_dir_close(d);
+    return images;
+}
+
+static gint dir_chain_cmp(gconstpointer a, gconstpointer b)
+{
+    const DirChain *x = *(DirChain *const *)a;
+    const DirChain *y = *(DirChain *const *)b;
+
+    return strcmp(x->export_name, y->export_name);
+}
+
+static gint str_ptr_cmp(gconstpointer a, gconstpointer b)
+{
+    return strcmp(*(const char *const *)a, *(const char *const *)b);
+}
+
+/* The export name recorded for top in [exports], or NULL. */
+static char *state_export_for(GKeyFile *state, const char *top)
+{
+    g_auto(GStrv) keys = g_key_file_get_keys(state, "exports", NULL, NULL);
+
+    for (guint i = 0; keys && keys[i]; i++) {
+        g_autofree char *v = g_key_file_get_string(state, "exports", keys[i],
+                                                   NULL);
+
+        if (v && strcmp(v, top) == 0) {
+            return g_strdup(keys[i]);
+        }
+    }
+    return NULL;
+}
+
+GPtrArray *dir_discover(const char *dir, GPtrArray *warnings, GError **error)
+{
+    g_autofree char *canon_dir = NULL;
+    g_autoptr(GHashTable) images = dir_scan(dir, &canon_dir, warnings, error);
+
+    if (!images) {
+        return NULL;
+    }
+
+    g_autoptr(GError) lerr = NULL;
+    g_autoptr(GKeyFile) state = dir_state_load(canon_dir, &lerr);
+
+    if (!state) {
+        if (warnings) {
+            g_ptr_array_add(warnings, g_strdup_printf(
+                "state file ignored: %s", lerr->message));
+        }
+        state = g_key_file_new();
+    }
+
+    /* Which images a live (not dropped) image uses as its backing file. */
+    g_autoptr(GHashTable) used = g_hash_table_new(g_str_hash, g_str_equal);
+    GHashTableIter it;
+    gpointer value;
+
+    g_hash_table_iter_init(&it, images);
+    while (g_hash_table_iter_next(&it, NULL, &value)) {
+        DirImage *di = value;
+
+        if (di->backing && !dir_state_is_dropped(state, di->name)) {
+            g_hash_table_add(used, di->backing);
+        }
+    }
+
+    /* Tops, in file-name order so that name clashes resolve the same way
+     * every time. */
+    g_autoptr(GPtrArray) tops = g_ptr_array_new();
+
+    g_hash_table_iter_init(&it, images);
+    while (g_hash_table_iter_next(&it, NULL, &value)) {
+        DirImage *di = value;
+
+        if (!di->qcow2 && !has_raw_extension(di->name)) {
+            continue;
+        }
+        if (dir_state_is_dropped(state, di->name) ||
+            g_hash_table_contains(used, di->name)) {
+            continue;
+        }
+        g_ptr_array_add(tops, di->name);
+    }
+    g_ptr_array_sort(tops, str_ptr_cmp);
+
+    GPtrArray *chains = g_ptr_array_new_with_free_func(
+        (GDestroyNotify)dir_chain_free);
+    g_autoptr(GHashTable) names = g_hash_table_new(g_str_hash, g_str_equal);
+
+    /* Names recorded in the state file first: they must stay stable. */
+    for (int pass = 0; pass < 2; pass++) {
+        for (guint i = 0; i < tops->len; i++) {
+            const char *top = g_ptr_array_index(tops, i);
+            g_autofree char *recorded = state_export_for(state, top);
+            char *name;
+
+            if ((pass == 0) != (recorded != NULL)) {
+                continue;
+            }
+            name = recorded ? g_steal_pointer(&recorded)
+                            : chain_export_name_for(top);
+            if (g_hash_table_contains(names, name)) {
+                g_free(name);
+                name = g_strdup(top);
+                if (g_hash_table_contains(names, name)) {
+                    if (warnings) {
+                        g_ptr_array_add(warnings, g_strdup_printf(
+                            "%s: export name %s already taken; not "
+                            "exported", top, name));
+                    }
+                    g_free(name);
+                    continue;
+                }
+            }
+
+            DirChain *c = g_new0(DirChain, 1);
+
+            c->top_file = g_strdup(top);
+            c->export_name = name;
+            g_hash_table_add(names, c->export_name);
+            g_ptr_array_add(chains, c);
+        }
+    }
+    g_ptr_array_sort(chains, dir_chain_cmp);
+    return chains;
+}
+
+GPtrArray *dir_users_of(const char *dir, const char *file,
+                        GPtrArray *except, GError **error)
+{
+    g_autofree char *canon_dir = NULL;
+    g_autoptr(GHashTable) images = dir_scan(dir, &canon_dir, NULL, error);
+
+    if (!images) {
+        return NULL;
+    }
+
+    /* file may be a name or a path: compare names in the directory. */
+    g_autofree char *target = dir_resolve(canon_dir, file);
+
+    if (!target) {
+        target = g_path_get_basename(file);
+    }
+
+    g_autoptr(GKeyFile) state = dir_state_load(canon_dir, NULL);
+    GPtrArray *users = g_ptr_array_new_with_free_func(g_free);
+    GHashTableIter it;
+    gpointer value;
+
+    if (!state) {
+        state = g_key_file_new();
+    }
+    g_hash_table_iter_init(&it, images);
+    while (g_hash_table_iter_next(&it, NULL, &value)) {
+        DirImage *di = value;
+        bool excluded = false;
+
+        if (strcmp(di->name, target) == 0 ||
+            dir_state_is_dropped(state, di->name)) {
+            continue;
+        }
+        for (guint i = 0; except && i < except->len; i++) {
+            const char *e = g_ptr_array_index(except, i);
+            g_autofree char *ebase = g_path_get_basename(e);
+
+            if (strcmp(ebase, di->name) == 0) {
+                excluded = true;
+                break;
+            }
+        }
+        if (excluded) {
+            continue;
+        }
+
+        /* Follow the backing references down from this image. */
+        DirImage *cur = di;
+
+        for (int depth = 0; cur && cur->backing && depth < CHAIN_MAX_DEPTH;
+             depth++) {
+            if (strcmp(cur->backing, target) == 0) {
+                g_ptr_array_add(users, g_strdup(di->name));
+                break;
+            }
+            cur = g_hash_table_lookup(images, cur->backing);
+        }
+    }
+    g_ptr_array_sort(users, str_ptr_cmp);
+    return users;
+}
+
+/* ---- the state file ------------------------------------------------------ */
+
+/* Serialises every load-modify-save of any state file of the process. */
+static GMutex state_mutex;
+
+GKeyFile *dir_state_load(const char *dir, GError **error)
+{
+    g_autofree char *path = g_build_filename(dir, CHAINFS_STATE_FILE, NULL);
+    g_autoptr(GKeyFile) kf = g_key_file_new();
+    g_autoptr(GError) local = NULL;
+
+    if (!g_key_file_load_from_file(kf, path, G_KEY_FILE_KEEP_COMMENTS,
+                                   &local)) {
+        if (g_error_matches(local, G_FILE_ERROR, G_FILE_ERROR_NOENT)) {
+            return g_steal_pointer(&kf);
+        }
+        chainfs_set_error(error, EIO, "state file %s: %s", path,
+                          local->message);
+        return NULL;
+    }
+    return g_steal_pointer(&kf);
+}
+
+static bool state_save_unlocked(const char *dir, GKeyFile *state,
+                                GError **error)
+{
+    g_autofree char *path = g_build_filename(dir, CHAINFS_STATE_FILE, NULL);
+    /* Unique per process; state_mutex serialises the threads. */
+    g_autofree char *tmp = g_strdup_printf("%s.tmp.%d", path, (int)getpid());
+    gsize len;
+    g_autofree char *data = g_key_file_to_data(state, &len, NULL);
+    int fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+    int err = 0;
+
+    if (fd < 0) {
+        err = errno;
+        chainfs_set_error(error, err, "cannot write state file in %s: %s",
+                          dir, g_strerror(err));
+        return false;
+    }
+
+    const char *p = data;
+    gsize left = len;
+
+    while (left > 0) {
+        ssize_t n = write(fd, p, left);
+
+        if (n < 0 && errno == EINTR) {
+            continue;
+        }
+        if (n < 0) {
+            err = errno;
+            break;
+        }
+        p += n;
+        left -= n;
+    }
+    if (!err && fsync(fd) < 0) {
+        err = errno;
+    }
+    if (close(fd) < 0 && !err) {
+        err = errno;
+    }
+    if (!err && rename(tmp, path) < 0) {
+        err = errno;
+    }
+    if (err) {
+        unlink(tmp);
+        chainfs_set_error(error, err, "cannot write state file %s: %s",
+                          path, g_strerror(err));
+        return false;
+    }
+
+    /* Make the rename itself durable. */
+    int dfd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+
+    if (dfd >= 0) {
+        if (fsync(dfd) < 0) {
+            err = errno;
+        }
+        close(dfd);
+    }
+    if (err) {
+        chainfs_set_error(error, err, "cannot sync directory %s: %s", dir,
+                          g_strerror(err));
+        return false;
+    }
+    return true;
+}
+
+bool dir_state_save(const char *dir, GKeyFile *state, GError **error)
+{
+    g_autoptr(GMutexLocker) locker = g_mutex_locker_new(&state_mutex);
+
+    return state_save_unlocked(dir, state, error);
+}
+
+bool dir_state_update(const char *dir,
+                      void (*fn)(GKeyFile *state, void *opaque),
+                      void *opaque, GError **error)
+{
+    g_autoptr(GMutexLocker) locker = g_mutex_locker_new(&state_mutex);
+    g_autoptr(GKeyFile) state = dir_state_load(dir, error);
+
+    if (!state) {
+        return false;
+    }
+    fn(state, opaque);
+    return state_save_unlocked(dir, state, error);
+}
+
+bool dir_state_is_dropped(GKeyFile *state, const char *file)
+{
+    g_autoptr(GError) err = NULL;
+    g_autofree char *base = NULL;
+    gboolean v;
+
+    if (!state || !file) {
+        return false;
+    }
+    if (!g_key_file_has_key(state, "dropped", file, NULL)) {
+        base = g_path_get_basename(file);
+        if (!g_key_file_has_key(state, "dropped", base, NULL)) {
+            return false;
+        }
+        file = base;
+    }
+    v = g_key_file_get_boolean(state, "dropped", file, &err);
+    /* A value we cannot parse still marks the image as dropped: being
+     * wrongly left out is safer than exporting an invalid disk. */
+    return err ? true : v;
+}

@@ -13,7 +13,9 @@
  * exists; O_EXCL).  version 2 or 3; cluster_size a power of two from 512 B
  * to 2 MiB; backing_ref NULL for none, else stored as given (relative refs
  * are relative to the new image's directory) with backing_fmt recorded in
- * the backing-format header extension when not NULL.  The file passes
+ * the backing-format header extension when not NULL.  virtual_size is
+ * rounded up to a multiple of 512 (QEMU counts 512-byte sectors), as grow()
+ * also does.  16-bit refcounts, no feature bits set.  The file passes
  * `qemu-img check` and is fsync'ed (and its directory) on return.  On
  * failure nothing is left behind.
  */

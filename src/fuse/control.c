@@ -1,1 +1,272 @@
-/* control.c: placeholder until its owner lands it. */
+/*
+ * control.c: the control surface (design.md "Control surface"): the
+ * user.chainfs.* extended attributes of each export and the control file
+ * at the mount root.  Both end in ctl_run_command(), which dispatches to
+ * src/merge and turns a refusal into an errno plus last_error.
+ */
+#define G_LOG_DOMAIN "chainfs"
+
+#include <errno.h>
+#include <string.h>
+
+#include "chain-io.h"
+#include "export.h"
+#include "json.h"
+
+const char ctl_xattr_list[] =
+    "user.chainfs.chain\0user.chainfs.job\0user.chainfs.last_error";
+const size_t ctl_xattr_list_len = sizeof(ctl_xattr_list);
+
+static const char *const ctl_commands[] = {
+    "commit", "stream", "snapshot", "job.pivot", "job.cancel", "job.pause",
+    "job.resume", "job.speed", NULL,
+};
+
+bool ctl_is_command(const char *verb)
+{
+    return g_strv_contains(ctl_commands, verb);
+}
+
+/* On exit *error is set iff FALSE is returned. */
+static bool ctl_dispatch(Daemon *d, Export *e, const char *verb,
+                         const char *value, GError **error)
+{
+    Chain *chain = e->chain;
+
+    if (strcmp(verb, "commit") == 0) {
+        CommitOptions opts = { 0 };
+        bool ok = commit_options_parse(value, &opts, error) &&
+                  merge_start_commit(d->merge, chain, &opts, error);
+        commit_options_clear(&opts);
+        return ok;
+    }
+    if (strcmp(verb, "stream") == 0) {
+        StreamOptions opts = { 0 };
+        bool ok = stream_options_parse(value, &opts, error) &&
+                  merge_start_stream(d->merge, chain, &opts, error);
+        stream_options_clear(&opts);
+        return ok;
+    }
+    if (strcmp(verb, "snapshot") == 0) {
+        if (value[0] == '\0' || strpbrk(value, " \t")) {
+            chainfs_set_error(error, EINVAL,
+                              "snapshot needs exactly one file name, got \"%s\"",
+                              value);
+            return false;
+        }
+        return merge_snapshot(d->merge, chain, value, error);
+    }
+    if (strcmp(verb, "job.pivot") == 0) {
+        return merge_job_pivot(chain, error);
+    }
+    if (strcmp(verb, "job.cancel") == 0) {
+        return merge_job_cancel(chain, error);
+    }
+    if (strcmp(verb, "job.pause") == 0) {
+        return merge_job_pause(chain, error);
+    }
+    if (strcmp(verb, "job.resume") == 0) {
+        return merge_job_resume(chain, error);
+    }
+    if (strcmp(verb, "job.speed") == 0) {
+        uint64_t speed;
+
+        if (!parse_size(value, &speed)) {
+            chainfs_set_error(error, EINVAL,
+                              "bad speed \"%s\": bytes per second, suffixes K, M, G",
+                              value);
+            return false;
+        }
+        return merge_job_set_speed(chain, speed, error);
+    }
+    chainfs_set_error(error, EOPNOTSUPP, "unknown command \"%s\"", verb);
+    return false;
+}
+
+bool ctl_run_command(Daemon *d, Export *e, const char *verb,
+                     const char *value, GError **error)
+{
+    g_autoptr(GError) err = NULL;
+    g_autofree char *words = g_strstrip(g_strdup(value ? value : ""));
+
+    if (!ctl_dispatch(d, e, verb, words, &err)) {
+        export_set_last_error(e, verb, err);
+        g_propagate_error(error, g_steal_pointer(&err));
+        return false;
+    }
+    g_message("%s: %s%s%s", e->name, verb, words[0] ? " " : "", words);
+    return true;
+}
+
+char *ctl_read_attribute(Daemon *d, Export *e, const char *attr)
+{
+    if (strcmp(attr, "chain") == 0) {
+        return export_chain_json(e);
+    }
+    if (strcmp(attr, "job") == 0) {
+        return merge_job_info_json(e->chain);
+    }
+    if (strcmp(attr, "last_error") == 0) {
+        return export_last_error(e);
+    }
+    return NULL;
+}
+
+/* ---- the control file ----------------------------------------------- */
+
+CtlHandle *ctl_handle_new(void)
+{
+    CtlHandle *h = g_new0(CtlHandle, 1);
+
+    g_mutex_init(&h->lock);
+    return h;
+}
+
+void ctl_handle_free(CtlHandle *h)
+{
+    if (!h) {
+        return;
+    }
+    if (h->reply) {
+        g_string_free(h->reply, TRUE);
+    }
+    g_mutex_clear(&h->lock);
+    g_free(h);
+}
+
+char *ctl_status_json(Daemon *d)
+{
+    GString *out = g_string_new("{");
+
+    json_append_key(out, "exports");
+    g_string_append_c(out, '[');
+    for (guint i = 0; i < d->exports->len; i++) {
+        Export *e = g_ptr_array_index(d->exports, i);
+        g_autofree char *file = export_active_file(e);
+        g_autofree char *chain = export_chain_json(e);
+        g_autofree char *job = merge_job_info_json(e->chain);
+        g_autofree char *last_error = export_last_error(e);
+
+        if (i > 0) {
+            g_string_append_c(out, ',');
+        }
+        g_string_append_c(out, '{');
+        json_append_member_string(out, "name", e->name);
+        json_append_member_string(out, "file", file);
+        json_append_member_uint(out, "size", chain_size(e->chain));
+        json_append_key(out, "chain");
+        g_string_append(out, chain);
+        json_append_key(out, "job");
+        g_string_append(out, job);
+        json_append_member_string(out, "last_error", last_error);
+        g_string_append_c(out, '}');
+    }
+    g_string_append(out, "]}\n");
+    return g_string_free(out, FALSE);
+}
+
+/* Control-file verbs and the attribute each stands for. */
+static const struct {
+    const char *verb;
+    const char *command;
+} ctl_verbs[] = {
+    { "commit", "commit" },
+    { "stream", "stream" },
+    { "snapshot", "snapshot" },
+    { "pivot", "job.pivot" },
+    { "cancel", "job.cancel" },
+    { "pause", "job.pause" },
+    { "resume", "job.resume" },
+    { "speed", "job.speed" },
+};
+
+static void ctl_reply_error(GString *reply, const GError *err)
+{
+    g_string_truncate(reply, 0);
+    g_string_append_c(reply, '{');
+    json_append_member_bool(reply, "ok", false);
+    json_append_member_uint(reply, "errno", chainfs_error_errno(err));
+    json_append_member_string(reply, "error", err->message);
+    g_string_append(reply, "}\n");
+}
+
+int ctl_handle_write(Daemon *d, CtlHandle *h, const char *buf, size_t len)
+{
+    g_autofree char *line = g_strstrip(g_strndup(buf, len));
+    g_auto(GStrv) parts = g_regex_split_simple("[ \t\r\n]+", line, 0, 0);
+    g_autoptr(GError) err = NULL;
+    g_autoptr(GMutexLocker) locker = g_mutex_locker_new(&h->lock);
+    const char *command = NULL;
+    const char *words = "";
+    Export *e = NULL;
+    guint nparts = g_strv_length(parts);
+
+    if (!h->reply) {
+        h->reply = g_string_new(NULL);
+    }
+    if (nparts < 2 || parts[0][0] == '\0') {
+        chainfs_set_error(&err, EINVAL,
+                          "control command must be \"VERB NAME [WORDS]\", got \"%s\"",
+                          line);
+        goto refused;
+    }
+    for (size_t i = 0; i < G_N_ELEMENTS(ctl_verbs); i++) {
+        if (strcmp(parts[0], ctl_verbs[i].verb) == 0) {
+            command = ctl_verbs[i].command;
+        }
+    }
+    if (!command) {
+        chainfs_set_error(&err, EINVAL, "unknown verb \"%s\"", parts[0]);
+        goto refused;
+    }
+    e = daemon_export_by_name(d, parts[1]);
+    if (!e) {
+        chainfs_set_error(&err, ENOENT, "no export named \"%s\"", parts[1]);
+        goto refused;
+    }
+    /* The words are the rest of the line after the name, as written. */
+    {
+        const char *p = line + strlen(parts[0]);
+        p += strspn(p, " \t\r\n");
+        p += strlen(parts[1]);
+        p += strspn(p, " \t\r\n");
+        words = p;
+    }
+    if (!ctl_run_command(d, e, command, words, &err)) {
+        ctl_reply_error(h->reply, err);
+        return -chainfs_error_errno(err);
+    }
+    {
+        g_autofree char *job = merge_job_info_json(e->chain);
+
+        g_string_truncate(h->reply, 0);
+        g_string_append_c(h->reply, '{');
+        json_append_member_bool(h->reply, "ok", true);
+        json_append_member_string(h->reply, "export", e->name);
+        json_append_member_string(h->reply, "command", parts[0]);
+        json_append_key(h->reply, "job");
+        g_string_append(h->reply, job);
+        g_string_append(h->reply, "}\n");
+    }
+    return 0;
+
+refused:
+    g_message("control command refused: %s", err->message);
+    ctl_reply_error(h->reply, err);
+    return -chainfs_error_errno(err);
+}
+
+GBytes *ctl_handle_read(Daemon *d, CtlHandle *h, uint64_t offset, size_t size)
+{
+    g_autoptr(GMutexLocker) locker = g_mutex_locker_new(&h->lock);
+
+    if (!h->reply) {
+        g_autofree char *status = ctl_status_json(d);
+        h->reply = g_string_new(status);
+    }
+    if (offset >= h->reply->len) {
+        return g_bytes_new(NULL, 0);
+    }
+    size = MIN(size, h->reply->len - offset);
+    return g_bytes_new(h->reply->str + offset, size);
+}

@@ -1,1 +1,166 @@
-/* snapshot.c: placeholder until its owner lands it. */
+/*
+ * snapshot.c: live snapshot (merge_snapshot in merge.h), after QEMU's
+ * blockdev-snapshot-sync: a new empty qcow2 overlay on the active layer
+ * becomes the active layer, while guests go on writing.
+ *
+ * Order, and why:
+ *   1. create and open the overlay outside any lock (creation fsyncs the
+ *      file and its directory: guest I/O must not wait for that);
+ *   2. take the topology write lock, which drains every in-flight request,
+ *      and check that the active layer is still the one the overlay backs
+ *      onto (a concurrent snapshot may have won);
+ *   3. flush the old active layer, so that everything acknowledged so far
+ *      is durable in it before it becomes a read-only backing file;
+ *   4. reopen it read-only (its write lock goes, as in QEMU);
+ *   5. record the export name -> new active file in the state file, so a
+ *      restart serves the same name;
+ *   6. push the overlay on top, unlock.
+ * A failure in 1-5 undoes what was done (the old layer reopened
+ * read-write, the overlay closed and unlinked): nothing changes.  Step 6
+ * cannot fail.
+ */
+#define G_LOG_DOMAIN "chainfs"
+
+#include <errno.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "directory.h"
+#include "json.h"
+#include "merge.h"
+#include "qcow2.h"
+
+/* Cluster size of a new overlay: QEMU's default. */
+#define SNAPSHOT_CLUSTER_SIZE 65536
+
+typedef struct {
+    const char *export_name;
+    const char *file;
+} SnapshotStateUpdate;
+
+static void snapshot_state_apply(GKeyFile *state, void *opaque)
+{
+    SnapshotStateUpdate *u = opaque;
+
+    g_key_file_set_string(state, "exports", u->export_name, u->file);
+}
+
+/* A job that still runs on the chain keeps the layer list for itself. */
+static bool snapshot_check_no_job(Chain *chain, GError **error)
+{
+    g_autofree char *info = merge_job_info_json(chain);
+    g_autofree char *state = info ? json_get_member(info, "state") : NULL;
+
+    if (state && (strcmp(state, "running") == 0 ||
+                  strcmp(state, "paused") == 0 ||
+                  strcmp(state, "ready") == 0)) {
+        chainfs_set_error(error, EBUSY,
+                          "cannot snapshot %s: a job is %s on it",
+                          chain->name, state);
+        return false;
+    }
+    return true;
+}
+
+/*
+ * On entry chain is open and served, the caller holds no topology lock.
+ * On success file is the active layer (read-write), the old active layer is
+ * read-only below it, and the state file maps chain->name to file.  On
+ * failure nothing changed and file does not exist (unless it existed
+ * before: EEXIST).
+ */
+bool merge_snapshot(MergeContext *ctx, Chain *chain, const char *file,
+                    GError **error)
+{
+    const char *dir = image_set_dir(chain->set);
+    g_autofree char *path = NULL;
+    g_autofree char *backing_ref = NULL;
+    g_autofree char *backing_fmt = NULL;
+    ChainImage *old_top, *img = NULL;
+    SnapshotStateUpdate update;
+    uint64_t size;
+    int ret;
+
+    if (!file || file[0] == '\0' || strchr(file, '/') ||
+        strcmp(file, ".") == 0 || strcmp(file, "..") == 0) {
+        chainfs_set_error(error, EINVAL,
+                          "snapshot file \"%s\" must be a file name in the "
+                          "image directory", file ? file : "");
+        return false;
+    }
+    if (strcmp(file, CHAINFS_STATE_FILE) == 0) {
+        chainfs_set_error(error, EINVAL, "%s is chainfs's state file", file);
+        return false;
+    }
+    if (!snapshot_check_no_job(chain, error)) {
+        return false;
+    }
+
+    /* The active layer as it is now; checked again under the lock. */
+    chain_topo_rdlock(chain);
+    old_top = chain_layer(chain, 0);
+    backing_ref = g_strdup(old_top->name);
+    backing_fmt = g_strdup(old_top->drv->format_name);
+    size = old_top->virtual_size;
+    chain_topo_unlock(chain);
+
+    path = g_build_filename(dir, file, NULL);
+    if (!qcow2_create(path, size, SNAPSHOT_CLUSTER_SIZE, 3, backing_ref,
+                      backing_fmt, error)) {
+        g_prefix_error(error, "cannot create snapshot %s: ", file);
+        return false;
+    }
+    img = image_set_open(chain->set, file, true, error);
+    if (!img) {
+        g_prefix_error(error, "cannot open snapshot %s: ", file);
+        goto fail_unlink;
+    }
+
+    chain_topo_wrlock(chain);
+    if (chain_layer(chain, 0) != old_top) {
+        chainfs_set_error(error, EBUSY,
+                          "the active layer of %s changed while %s was "
+                          "created", chain->name, file);
+        goto fail_unlock;
+    }
+    ret = old_top->drv->flush(old_top);
+    if (ret < 0) {
+        chainfs_set_error(error, -ret, "cannot flush %s: %s", old_top->name,
+                          g_strerror(-ret));
+        goto fail_unlock;
+    }
+    if (!chain_image_reopen(old_top, false, error)) {
+        g_prefix_error(error, "cannot reopen %s read-only: ", old_top->name);
+        goto fail_unlock;
+    }
+    update.export_name = chain->name;
+    update.file = file;
+    if (!dir_state_update(dir, snapshot_state_apply, &update, error)) {
+        g_autoptr(GError) undo_err = NULL;
+
+        g_prefix_error(error, "cannot record snapshot %s: ", file);
+        if (!chain_image_reopen(old_top, true, &undo_err)) {
+            /* The chain stays readable but refuses writes; say so. */
+            g_warning("%s: cannot reopen %s read-write after a failed "
+                      "snapshot: %s", chain->name, old_top->name,
+                      undo_err->message);
+        }
+        goto fail_unlock;
+    }
+    img->backing = old_top;
+    chain_push_top(chain, img);
+    chain_topo_unlock(chain);
+    g_message("%s: snapshot %s on top of %s", chain->name, file,
+              backing_ref);
+    return true;
+
+fail_unlock:
+    chain_topo_unlock(chain);
+    image_set_release(chain->set, img);
+fail_unlink:
+    if (unlink(path) < 0 && errno != ENOENT) {
+        g_warning("cannot remove the failed snapshot %s: %s", path,
+                  g_strerror(errno));
+    }
+    return false;
+}

@@ -1,0 +1,193 @@
+/*
+ * job.h: the job core, after QEMU's job.c: a state machine with a table of
+ * legal transitions and a table of the verbs each state accepts, one
+ * thread per job, driver callbacks run / prepare / abort / clean, a rate
+ * limit, and the pause / cancel / error-policy points a driver calls
+ * between chunks.  Knows nothing of chains (tests drive it with fake
+ * drivers).
+ *
+ * Life of a job:
+ *
+ *   CREATED -start-> RUNNING -(run returns 0)-> PENDING -(prepare)-> COMPLETED
+ *                    RUNNING <-> PAUSED            (pause / resume, or an
+ *                                                  error under on-error=stop)
+ *                    RUNNING -> READY <-> STANDBY  (drivers that wait for
+ *                                                  complete, e.g. active commit)
+ *                    READY -complete-> PENDING
+ *   any live state -cancel-> ABORTING -> CANCELLED
+ *   RUNNING/PENDING -(error)-> ABORTING -> FAILED
+ *
+ * The terminal status is set only after the driver's clean() returned, so
+ * a job seen as completed/failed/cancelled no longer touches the chain.
+ * Outside (design.md) the states are named running, paused, ready,
+ * completed, failed, cancelled: CREATED, PENDING and ABORTING show as
+ * running, STANDBY as paused.
+ */
+#ifndef CHAINFS_JOB_H
+#define CHAINFS_JOB_H
+
+#include <stdbool.h>
+#include <stdint.h>
+#include <glib.h>
+
+#include "merge.h"
+
+typedef enum {
+    JOB_STATUS_CREATED = 0,
+    JOB_STATUS_RUNNING,
+    JOB_STATUS_PAUSED,
+    JOB_STATUS_READY,
+    JOB_STATUS_STANDBY,   /* paused while ready */
+    JOB_STATUS_PENDING,   /* work done, making it permanent (prepare) */
+    JOB_STATUS_ABORTING,  /* cancelled or failed, undoing (abort) */
+    JOB_STATUS_COMPLETED,
+    JOB_STATUS_FAILED,
+    JOB_STATUS_CANCELLED,
+    JOB_STATUS__MAX,
+} JobStatus;
+
+typedef enum {
+    JOB_VERB_START = 0,
+    JOB_VERB_PAUSE,
+    JOB_VERB_RESUME,
+    JOB_VERB_SET_SPEED,
+    JOB_VERB_COMPLETE,    /* pivot */
+    JOB_VERB_CANCEL,
+    JOB_VERB__MAX,
+} JobVerb;
+
+/* Token bucket (ratelimit.c).  Not thread-safe: guarded by its owner. */
+typedef struct {
+    uint64_t speed;       /* bytes per second; 0 unlimited */
+    double tokens;        /* may go negative: a debt paid by waiting */
+    int64_t last_ns;      /* monotonic time of the last refill */
+} RateLimit;
+
+void ratelimit_init(RateLimit *rl, uint64_t speed);
+void ratelimit_set_speed(RateLimit *rl, uint64_t speed);
+/*
+ * Ask to send bytes at time now_ns.  Returns 0 and charges the bucket when
+ * allowed now, else the nanoseconds to wait before asking again (nothing
+ * charged).  The long-run rate stays at speed; a burst is at most a tenth
+ * of a second of speed (or one request).
+ */
+int64_t ratelimit_delay(RateLimit *rl, uint64_t bytes, int64_t now_ns);
+
+typedef struct Job Job;
+
+typedef struct JobDriver {
+    const char *type;     /* "commit", "active-commit", "stream" */
+
+    /*
+     * In the job thread.  Does the work, calling job_pause_point() (and
+     * job_rate_limit()) between chunks and returning -ECANCELED when they
+     * say so.  Returns 0 when done (a driver that needs complete calls
+     * job_transition_to_ready() and job_wait_complete() first), or a
+     * negative errno with job_set_error() called.
+     */
+    int (*run)(Job *job);
+    /* In the job thread, status PENDING: make the result permanent.
+     * 0 or negative errno (with job_set_error): then abort runs too. */
+    int (*prepare)(Job *job);
+    /* In the job thread, status ABORTING: undo what must be undone. */
+    void (*abort)(Job *job);
+    /* In the job thread, always last: release what run took. */
+    void (*clean)(Job *job);
+    /* Free the driver part (job->opaque); any thread, job finished. */
+    void (*free)(Job *job);
+} JobDriver;
+
+struct Job {
+    const JobDriver *driver;
+    char *id;             /* fixed */
+    char *top;            /* fixed: for the info JSON */
+    char *base;           /* fixed */
+    void *opaque;         /* driver state; the driver's own locking */
+
+    GMutex lock;          /* guards every field below */
+    GCond cond;           /* signalled on every change of the fields below */
+    JobStatus status;
+    bool cancel_requested;
+    bool pause_requested;
+    bool complete_requested;
+    bool interrupted;     /* stopped by shutdown, not by the user */
+    bool paused_on_error; /* PAUSED by on-error=stop */
+    uint64_t offset;      /* progress, 0 <= offset <= len */
+    uint64_t len;
+    uint64_t copied;      /* bytes actually written by this run */
+    int err;              /* errno of the error, 0 none */
+    char *error;          /* message of the error, NULL none */
+    RateLimit limit;
+    GThread *thread;
+    bool finished;        /* thread done: terminal status set */
+};
+
+const char *job_status_name(JobStatus s);     /* internal name */
+const char *job_status_public(JobStatus s);   /* design.md name */
+const char *job_verb_name(JobVerb v);
+bool job_status_is_terminal(JobStatus s);
+/* The tables: may a job go from s to t?  Does state s accept verb v? */
+bool job_transition_allowed(JobStatus s, JobStatus t);
+bool job_verb_allowed(JobStatus s, JobVerb v);
+
+/* A job in CREATED; opaque belongs to the driver. */
+Job *job_new(const JobDriver *driver, const char *id, const char *top,
+             const char *base, uint64_t speed, void *opaque);
+/* Join the thread (the job must be finished or never started), free. */
+void job_free(Job *job);
+
+/* Verbs (any thread).  EBUSY "job in state S cannot V" when refused. */
+bool job_start(Job *job, GError **error);
+bool job_pause(Job *job, GError **error);
+bool job_resume(Job *job, GError **error);
+bool job_set_speed(Job *job, uint64_t speed, GError **error);
+bool job_complete(Job *job, GError **error);
+bool job_cancel(Job *job, GError **error);
+/* Shutdown: cancel whatever the state, marked interrupted; then wait. */
+void job_interrupt(Job *job);
+/* Wait until the job finished (terminal status). */
+void job_wait_finished(Job *job);
+/* Status now (takes the lock). */
+JobStatus job_get_status(Job *job);
+
+/* ---- for drivers, in the job thread ----------------------------------- */
+
+/* Block while paused.  TRUE when the job must stop (cancelled). */
+bool job_pause_point(Job *job);
+/* Wait until bytes may go at the job's speed, pausing meanwhile.  TRUE
+ * when the job must stop. */
+bool job_rate_limit(Job *job, uint64_t bytes);
+/* Record progress. */
+void job_set_progress(Job *job, uint64_t offset, uint64_t len);
+void job_add_copied(Job *job, uint64_t bytes);
+/* Record the job's error (the first one wins unless replace). */
+void job_set_error(Job *job, int err, const char *fmt, ...)
+    G_GNUC_PRINTF(3, 4);
+
+/*
+ * An I/O error on a range under policy: returns JOB_ERROR_RETRY (stop
+ * policy: paused with the error until resume), JOB_ERROR_SKIP (ignore), or
+ * JOB_ERROR_FAIL (report; or cancelled while paused: then -ECANCELED is
+ * the caller's return).  *ret_out gets what run should return on FAIL.
+ */
+typedef enum {
+    JOB_ERROR_RETRY,
+    JOB_ERROR_SKIP,
+    JOB_ERROR_FAIL,
+} JobErrorAction;
+JobErrorAction job_handle_error(Job *job, OnErrorPolicy policy, int err,
+                                const char *what, int *ret_out);
+
+/* RUNNING -> READY (announce convergence). */
+void job_transition_to_ready(Job *job);
+/* In READY: wait for complete (returns 0) or cancel (-ECANCELED), or
+ * until timeout_us passes (returns -ETIMEDOUT), so the driver can keep
+ * working. */
+int job_wait_complete(Job *job, int64_t timeout_us);
+bool job_is_cancelled(Job *job);
+bool job_is_interrupted(Job *job);
+
+/* {"id","type","state",...}; newly allocated. */
+char *job_info_json(Job *job);
+
+#endif

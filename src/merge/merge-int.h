@@ -1,0 +1,133 @@
+/*
+ * merge-int.h: what the files of src/merge share and nobody else uses:
+ * the merge context, the per-chain job slot, checkpoints, and the job
+ * drivers' entry points.
+ */
+#ifndef CHAINFS_MERGE_INT_H
+#define CHAINFS_MERGE_INT_H
+
+#include "chain-io.h"
+#include "directory.h"
+#include "job.h"
+#include "merge.h"
+
+struct MergeContext {
+    ImageSet *set;        /* not owned */
+    GMutex lock;          /* guards chains, next_id */
+    GPtrArray *chains;    /* Chain *, not owned; each has a MergeSlot */
+    uint64_t next_id;
+};
+
+/*
+ * Chain.job points to one of these, made by merge_context_add_chain and
+ * freed by merge_context_free.  `lock` guards `job` (the current or last
+ * job) and serialises the verbs on it, so that a job is never freed while
+ * a verb or an info request looks at it.
+ */
+typedef struct MergeSlot {
+    GMutex lock;
+    Job *job;             /* protected by lock; owned */
+    MergeContext *ctx;    /* fixed */
+} MergeSlot;
+
+/* options.c */
+const char *on_error_policy_name(OnErrorPolicy p);
+char *commit_options_format(const CommitOptions *opts);
+char *stream_options_format(const StreamOptions *opts);
+
+/* checkpoint.c: the [job EXPORT] group of the state file. */
+typedef struct {
+    char *type;           /* "commit", "active-commit", "stream" */
+    char *top;            /* layer names */
+    char *base;
+    char *options;        /* words that parse back into the options */
+    char **layers;        /* names of the layers the job drops */
+    uint64_t offset;      /* first byte not yet durable in base */
+    bool cancelled;       /* by the user: resume only when reissued */
+} Checkpoint;
+
+bool checkpoint_save(const char *dir, const char *export_name,
+                     const Checkpoint *cp, GError **error);
+/* FALSE when the state file holds none for export_name. */
+bool checkpoint_load(const char *dir, const char *export_name,
+                     Checkpoint *cp);
+bool checkpoint_clear(const char *dir, const char *export_name,
+                      GError **error);
+void checkpoint_clear_fields(Checkpoint *cp);
+/* Record names as dropped (and forget export_name's checkpoint when
+ * export_name is not NULL), in one atomic state update.  When
+ * active_file is not NULL, export_name is served from it from now on. */
+bool checkpoint_record_dropped(const char *dir, const char *export_name,
+                               char **names, const char *active_file,
+                               GError **error);
+
+/* merge.c helpers */
+/* Index of img in chain (-1 when not a layer).  Topology lock held. */
+int merge_layer_index(Chain *chain, ChainImage *img);
+/* The backing reference holder should store for target. */
+char *merge_backing_ref(ChainImage *holder, ChainImage *target,
+                        bool keep_relative);
+/* Other users of the layers names (NULL-terminated) outside chain:
+ * EBUSY naming them.  Topology lock held. */
+bool merge_check_users(Chain *chain, char **names, const char *what,
+                       GError **error);
+/* Reopen img read-write unless it is; on success adds it to reopened. */
+bool merge_reopen_rw(ChainImage *img, GPtrArray *reopened, GError **error);
+/* Back to read-only every image of reopened still in chain (topology
+ * write lock held). */
+void merge_reopen_ro(Chain *chain, GPtrArray *reopened);
+/* Unlink the files names of dir (delete). */
+void merge_unlink_dropped(const char *dir, char **names);
+/* An id for a new job. */
+char *merge_context_next_id(MergeContext *ctx, const char *type);
+
+/* commit.c: resolved layers of a commit; topology lock held to make it. */
+typedef struct {
+    ChainImage *top;
+    ChainImage *base;
+    ChainImage *above;    /* the layer above top; NULL when top is active */
+    guint top_idx;
+    guint base_idx;
+    uint64_t size;        /* bytes to look at: top's view of the disk */
+} CommitPlan;
+
+bool commit_plan(Chain *chain, const CommitOptions *opts, bool offline,
+                 CommitPlan *plan, GError **error);
+/* NULL-terminated names of layers [first, last]. */
+char **commit_layer_names(Chain *chain, guint first, guint last);
+bool commit_check_space(Chain *chain, const CommitPlan *plan,
+                        uint64_t *need_bytes, GError **error);
+/*
+ * Job constructors: check the command, reopen what the job writes, and
+ * return a job in CREATED (NULL with *error set, nothing changed).  Called
+ * with the chain's slot lock held and no job running on the chain.  A job
+ * that then fails to start is undone with driver->clean and job_free.
+ */
+Job *commit_job_create(MergeContext *ctx, Chain *chain,
+                       const CommitOptions *opts, GError **error);
+/* active-commit.c */
+Job *active_commit_job_create(MergeContext *ctx, Chain *chain,
+                              const CommitOptions *opts, GError **error);
+/* stream.c */
+Job *stream_job_create(MergeContext *ctx, Chain *chain,
+                       const StreamOptions *opts, GError **error);
+
+/*
+ * The end of a commit, crash-safe order: base is flushed; under the
+ * topology write lock the image above top (if any) and top (when layers
+ * lie between it and base) get base as backing file, the layers between
+ * leave the chain, the state file records them dropped and forgets the
+ * checkpoint.  *dropped gets their names (NULL-terminated).  Images of
+ * reopened that leave the chain are removed from it.
+ */
+bool commit_finish(Chain *chain, ChainImage *top, ChainImage *base,
+                   bool keep_relative, GPtrArray *reopened, char ***dropped,
+                   GError **error);
+
+/* Size of one copy request. */
+#define MERGE_CHUNK (1024 * 1024)
+/* A checkpoint at least every this many bytes or microseconds. */
+#define MERGE_CHECKPOINT_BYTES (64ULL * 1024 * 1024)
+#define MERGE_CHECKPOINT_US (1000 * 1000)
+
+#endif

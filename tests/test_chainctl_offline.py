@@ -1,0 +1,303 @@
+"""chainctl without a daemon: command line, usage errors, and offline work
+on image files (info, commit, snapshot), each result checked with qemu-img.
+"""
+import json
+import os
+
+import pytest
+
+from helpers import CHAINCTL, qemu_img, qemu_img_check, qemu_img_compare, qemu_img_info
+from test_chainctl_common import *  # noqa: F401,F403
+
+COMMANDS = ["info", "commit", "job", "snapshot", "stream"]
+
+
+# ---------------------------------------------------------------- usage
+
+def test_help_lists_every_command():
+    out = ctl_ok("--help")
+    for c in COMMANDS:
+        assert "\n  %s " % c in out, out
+    assert "Exit status" in out
+
+
+@pytest.mark.parametrize("command,options", [
+    ("info", ["--json"]),
+    ("commit", ["--top", "--base", "--shallow", "--active", "--delete",
+                "--keep-relative", "--bandwidth", "--bytes", "--dry-run", "--wait",
+                "--verbose", "--timeout", "--pivot", "--keep-overlay", "--async"]),
+    ("job", ["--info", "--abort", "--pivot", "--pause", "--resume", "--speed",
+             "--wait"]),
+    ("snapshot", []),
+    ("stream", ["--base", "--bandwidth", "--wait", "--verbose"]),
+])
+def test_subcommand_help(command, options):
+    rc, out, err = ctl(command, "--help")
+    assert rc == 0, err
+    assert "chainctl %s" % command in out
+    for o in options:
+        assert o in out, (o, out)
+    assert err == ""
+
+
+@pytest.mark.parametrize("args", [
+    [],
+    ["frobnicate"],
+    ["info"],
+    ["info", "a", "b"],
+    ["info", "--no-such-option", "x"],
+    ["commit", "x", "--pivot", "--keep-overlay", "--active"],
+    ["commit", "x", "--pivot"],
+    ["commit", "x", "--keep-overlay"],
+    ["commit", "x", "--bandwidth", "fast"],
+    ["commit", "x", "--bandwidth", "5X"],
+    ["commit", "x", "--bytes"],
+    ["commit", "x", "--timeout", "-3"],
+    ["commit", "x", "--timeout", "soon"],
+    ["commit", "x", "--async", "--wait"],
+    ["commit", "x", "--dry-run", "--wait"],
+    ["job", "x", "--abort", "--pivot"],
+    ["job", "x", "--speed", "slow"],
+    ["job"],
+    ["snapshot", "x"],
+    ["stream", "x", "--bandwidth", "-1"],
+    ["stream", "x", "--async", "--verbose"],
+])
+def test_usage_errors_exit_2(args):
+    rc, out, err = ctl(*args)
+    assert rc == 2, (args, rc, out, err)
+    assert "chainctl" in err and "sage" in err, err
+    assert out == ""
+
+
+def test_missing_target_fails(tmp_path):
+    err = ctl_fails("info", tmp_path / "nope.qcow2")
+    assert "nope.qcow2" in err and "No such file" in err
+
+
+# ----------------------------------------------------------------- info
+
+def _qemu_chain(path):
+    return qemu_img_info(path, chain=True)
+
+
+def test_info_matches_qemu_img(image_dir):
+    names = build_chain(image_dir, cluster_size=32768)
+    top = os.path.join(str(image_dir), names[-1])
+    qinfo = _qemu_chain(top)
+    out = ctl_ok("info", top)
+    blocks = info_blocks(out)
+    assert len(blocks) == len(names) == len(qinfo)
+    for b, q in zip(blocks, qinfo):
+        assert b["image"] == os.path.basename(q["filename"])
+        assert b["file format"] == q["format"]
+        assert b["virtual size"].endswith("(%d bytes)" % q["virtual-size"])
+        assert b["cluster_size"] == str(q["cluster-size"])
+        if "backing-filename" in q:
+            assert b["backing file"] == q["backing-filename"]
+            assert b["backing file format"] == q["backing-filename-format"]
+        else:
+            assert "backing file" not in b
+        alloc = int(b["allocated"].split("(")[1].split()[0])
+        assert alloc > 0
+
+
+def test_info_json(image_dir):
+    names = build_chain(image_dir)
+    top = os.path.join(str(image_dir), names[-1])
+    info = json.loads(ctl_ok("info", "--json", top))
+    assert info["name"] == "vm1"
+    files = [l["file"] for l in info["layers"]]
+    assert files == list(reversed(names))
+    for i, l in enumerate(info["layers"]):
+        assert l["format"] == "qcow2"
+        assert l["virtual_size"] == 32 * MiB
+        assert l["allocated"] > 0
+        assert l["backing"] == (names[-2 - i] if i + 1 < len(names) else None)
+
+
+def test_info_raw_base(image_dir):
+    from helpers import make_chain
+    names = make_chain(image_dir, depth=2, size=8 * MiB, base_fmt="raw")
+    out = ctl_ok("info", os.path.join(str(image_dir), names[-1]))
+    blocks = info_blocks(out)
+    assert blocks[0]["backing file format"] == "raw"
+    assert blocks[1]["file format"] == "raw"
+    assert "cluster_size" not in blocks[1]
+
+
+def test_info_refuses_broken_chain(image_dir):
+    names = build_chain(image_dir)
+    os.unlink(os.path.join(str(image_dir), names[1]))
+    err = ctl_fails("info", os.path.join(str(image_dir), names[-1]))
+    assert names[1] in err
+
+
+# --------------------------------------------------------------- commit
+
+def _image(d, name):
+    return os.path.join(str(d), name)
+
+
+def test_offline_commit_equals_qemu_img_commit(image_dir, tmp_path):
+    names = build_chain(image_dir)
+    ref = copy_dir(image_dir, tmp_path / "ref")
+    top = _image(image_dir, names[-1])
+    before = tmp_path / "before.raw"
+    qemu_img("convert", "-O", "raw", top, before)
+
+    out = ctl_ok("commit", top, "--base", "base.qcow2")
+    assert "Commit complete" in out
+    qemu_img("commit", "-q", "-b", "base.qcow2", _image(ref, names[-1]))
+
+    qemu_img_check(_image(image_dir, "base.qcow2"))
+    qemu_img_check(top)
+    # base now holds what qemu-img's commit put there ...
+    qemu_img_compare(_image(image_dir, "base.qcow2"), _image(ref, "base.qcow2"))
+    # ... and the disk seen through the top layer did not change.
+    qemu_img_compare(top, before, fmt_b="raw")
+    qemu_img_compare(top, _image(ref, names[-1]))
+
+
+def test_offline_intermediate_commit_rewrites_backing(image_dir, tmp_path):
+    names = build_chain(image_dir)
+    ref = copy_dir(image_dir, tmp_path / "ref")
+    top = _image(image_dir, names[-1])
+
+    ctl_ok("commit", top, "--top", "snap1.qcow2", "--base", "base.qcow2")
+    qemu_img("commit", "-q", "-b", "base.qcow2", _image(ref, "snap1.qcow2"))
+
+    qemu_img_check(_image(image_dir, "base.qcow2"))
+    qemu_img_compare(_image(image_dir, "base.qcow2"), _image(ref, "base.qcow2"))
+    qemu_img_compare(top, _image(ref, names[-1]))
+    # snap2 now backs onto base, by absolute path (no --keep-relative)
+    assert backing_of(_image(image_dir, "snap2.qcow2")) == _image(image_dir, "base.qcow2")
+    files = [l["file"] for l in json.loads(ctl_ok("info", "--json", top))["layers"]]
+    assert files == [names[-1], "snap2.qcow2", "base.qcow2"]
+
+
+def test_offline_commit_keep_relative_and_delete(image_dir, tmp_path):
+    names = build_chain(image_dir)
+    top = _image(image_dir, names[-1])
+    before = tmp_path / "before.raw"
+    qemu_img("convert", "-O", "raw", top, before)
+
+    ctl_ok("commit", top, "--top", "snap2.qcow2", "--base", "base.qcow2",
+           "--keep-relative", "--delete")
+    assert backing_of(top) == "base.qcow2"
+    assert not os.path.exists(_image(image_dir, "snap1.qcow2"))
+    assert not os.path.exists(_image(image_dir, "snap2.qcow2"))
+    qemu_img_compare(top, before, fmt_b="raw")
+
+
+def test_offline_shallow_commit(image_dir, tmp_path):
+    names = build_chain(image_dir)
+    ref = copy_dir(image_dir, tmp_path / "ref")
+    top = _image(image_dir, names[-1])
+    ctl_ok("commit", top, "--top", "snap2.qcow2", "--shallow", "--keep-relative")
+    qemu_img("commit", "-q", _image(ref, "snap2.qcow2"))  # into its backing file
+    qemu_img_compare(_image(image_dir, "snap1.qcow2"), _image(ref, "snap1.qcow2"))
+    assert backing_of(top) == "snap1.qcow2"
+    qemu_img_compare(top, _image(ref, names[-1]))
+
+
+def test_offline_commit_dry_run_changes_nothing(image_dir):
+    names = build_chain(image_dir)
+    top = _image(image_dir, names[-1])
+    before = dir_hashes(image_dir)
+    out = ctl_ok("commit", top, "--base", "base.qcow2", "--dry-run")
+    after = dir_hashes(image_dir)
+    assert before == after
+    lines = dict(l.split(": ", 1) for l in out.strip().splitlines())
+    assert lines["top"] == names[-1] and lines["base"] == "base.qcow2"
+    need = int(lines["needs"].split()[0])
+    allocated = sum(l["allocated"] for l in
+                    json.loads(ctl_ok("info", "--json", top))["layers"][:-1])
+    assert 0 < need
+    # no more than what the merged layers hold, plus metadata slack
+    assert need <= allocated + 4 * MiB, (need, allocated)
+    assert int(lines["available"].split()[0]) > 0
+
+
+def test_offline_commit_verbose_pty(image_dir):
+    names = build_chain(image_dir)
+    rc, out = ctl_pty("commit", _image(image_dir, names[-1]), "--base", "base.qcow2",
+                      "--verbose")
+    assert rc == 0, out
+    assert "\rBlock Commit: [100 %]" in out, repr(out)
+    assert "Commit complete" in out
+
+
+def test_offline_commit_verbose_plain(image_dir):
+    names = build_chain(image_dir)
+    out = ctl_ok("commit", _image(image_dir, names[-1]), "--base", "base.qcow2",
+                 "--verbose")
+    assert "\r" not in out
+    lines = out.splitlines()
+    assert "Block Commit: [100 %]" in lines
+    assert all(l.startswith("Block Commit: [") or l == "Commit complete"
+               for l in lines), out
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--base", "nosuch.qcow2"], "nosuch.qcow2"),
+    (["--top", "nosuch.qcow2"], "nosuch.qcow2"),
+    (["--top", "base.qcow2", "--base", "snap1.qcow2"], ""),
+    (["--shallow", "--base", "base.qcow2"], ""),
+])
+def test_offline_commit_refused(image_dir, args, needle):
+    names = build_chain(image_dir)
+    before = dir_hashes(image_dir)
+    err = ctl_fails("commit", _image(image_dir, names[-1]), *args)
+    assert needle in err
+    assert dir_hashes(image_dir) == before
+
+
+def test_offline_online_only_options(image_dir):
+    names = build_chain(image_dir)
+    top = _image(image_dir, names[-1])
+    for opt in (["--active", "--pivot"], ["--active", "--keep-overlay"], ["--async"],
+                ["--timeout", "5"]):
+        rc, out, err = ctl("commit", top, *opt)
+        assert rc == 2, (opt, rc, err)
+        assert "mounted export" in err
+    err = ctl_fails("job", top)
+    assert "not a chainfs export" in err
+
+
+def test_offline_commit_refuses_shared_base(image_dir):
+    names = build_chain(image_dir)
+    # a second chain on the same base
+    from helpers import create_qcow2
+    create_qcow2(_image(image_dir, "other.qcow2"), backing="base.qcow2",
+                 backing_fmt="qcow2")
+    before = dir_hashes(image_dir)
+    ctl_fails("commit", _image(image_dir, names[-1]), "--base", "base.qcow2")
+    assert dir_hashes(image_dir) == before
+
+
+# ------------------------------------------------------------- snapshot
+
+def test_offline_snapshot(image_dir, tmp_path):
+    names = build_chain(image_dir)
+    top = _image(image_dir, names[-1])
+    before = tmp_path / "before.raw"
+    qemu_img("convert", "-O", "raw", top, before)
+    ctl_ok("snapshot", top, "new.qcow2")
+    new = _image(image_dir, "new.qcow2")
+    qemu_img_check(new)
+    assert backing_of(new) == names[-1]
+    qemu_img_compare(new, before, fmt_b="raw")
+    ctl_fails("snapshot", top, "new.qcow2")  # exists already
+
+
+def test_offline_stream(image_dir, tmp_path):
+    names = build_chain(image_dir)
+    top = _image(image_dir, names[-1])
+    before = tmp_path / "before.raw"
+    qemu_img("convert", "-O", "raw", top, before)
+    out = ctl_ok("stream", top, "--base", "snap1.qcow2", "--wait")
+    assert "Pull complete" in out
+    assert backing_of(top) == "snap1.qcow2" or backing_of(top).endswith("/snap1.qcow2")
+    qemu_img_check(top)
+    qemu_img_compare(top, before, fmt_b="raw")

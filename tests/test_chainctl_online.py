@@ -1,0 +1,374 @@
+"""chainctl against a real mount: every option of info, commit, job,
+snapshot and stream through a running chainfs, the result checked through
+the export and, after unmounting, with qemu-img.
+"""
+import json
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+
+from helpers import (CHAINCTL, MiB, chain_info, file_sha256, getxattr, job_info,
+                     qemu_img, qemu_img_check, qemu_img_compare, wait_for, wait_job)
+from test_chainctl_common import *  # noqa: F401,F403
+
+BIG = 16 * MiB  # data in snap2: 16 s of copying at 1 MiB/s
+# A slow intermediate commit (the big data is in snap2).
+SLOW = ["--top", "snap2.qcow2", "--base", "base.qcow2", "--bandwidth", "1"]
+
+
+@pytest.fixture
+def chain(image_dir, mount):
+    """A mounted 4-layer chain; yields (export path, image_dir, names)."""
+    names = build_chain(image_dir, big=BIG, big_layer="snap2.qcow2")
+    m = mount(wait_export="vm1")
+    yield m.path("vm1"), str(image_dir), names, m
+
+
+def _layers(export):
+    return [l["file"] for l in chain_info(export)["layers"]]
+
+
+def _img(d, n):
+    return os.path.join(d, n)
+
+
+# ----------------------------------------------------------------- info
+
+def test_info_online(chain):
+    export, d, names, _ = chain
+    blocks = info_blocks(ctl_ok("info", export))
+    assert [b["image"] for b in blocks] == list(reversed(names))
+    assert blocks[0]["backing file"] == names[-2]
+    assert blocks[0]["backing file format"] == "qcow2"
+    assert blocks[0]["virtual size"].endswith("(%d bytes)" % (32 * MiB))
+    assert "backing file" not in blocks[-1]
+
+
+def test_info_online_json_has_job(chain):
+    export, d, names, _ = chain
+    info = json.loads(ctl_ok("info", "--json", export))
+    assert info["name"] == "vm1"
+    assert [l["file"] for l in info["layers"]] == list(reversed(names))
+    assert info["job"] == {}
+    ctl_ok("commit", export, "--top", "snap1.qcow2", "--base", "base.qcow2", "--wait")
+    info = json.loads(ctl_ok("info", "--json", export))
+    assert info["job"]["state"] == "completed"
+    assert info["job"]["type"] == "commit"
+
+
+# --------------------------------------------------------------- commit
+
+def test_commit_intermediate_wait(chain, tmp_path):
+    export, d, names, m = chain
+    digest = file_sha256(export)
+    out = ctl_ok("commit", export, "--top", "snap2.qcow2", "--base", "base.qcow2",
+                 "--wait", "--keep-relative")
+    assert "Commit complete" in out
+    assert job_info(export)["state"] == "completed"
+    assert _layers(export) == ["vm1.qcow2", "base.qcow2"]
+    assert file_sha256(export) == digest
+    m.stop()
+    qemu_img_check(_img(d, "base.qcow2"))
+    assert backing_of(_img(d, "vm1.qcow2")) == "base.qcow2"
+
+
+def test_commit_shallow_delete_online(chain):
+    export, d, names, m = chain
+    digest = file_sha256(export)
+    out = ctl_ok("commit", export, "--top", "snap2.qcow2", "--shallow", "--delete",
+                 "--keep-relative", "--wait")
+    assert "Commit complete" in out
+    assert _layers(export) == ["vm1.qcow2", "snap1.qcow2", "base.qcow2"]
+    assert not os.path.exists(_img(d, "snap2.qcow2"))
+    assert file_sha256(export) == digest
+    m.stop()
+    assert backing_of(_img(d, "vm1.qcow2")) == "snap1.qcow2"
+    qemu_img_check(_img(d, "snap1.qcow2"))
+
+
+def test_commit_absolute_backing_by_default(chain):
+    export, d, names, m = chain
+    ctl_ok("commit", export, "--top", "snap1.qcow2", "--base", "base.qcow2", "--wait")
+    m.stop()
+    assert backing_of(_img(d, "snap2.qcow2")) == _img(os.path.realpath(d), "base.qcow2")
+
+
+def test_commit_force_shared_base(image_dir, mount):
+    build_chain(image_dir)
+    from helpers import create_qcow2
+    create_qcow2(_img(str(image_dir), "other.qcow2"), backing="snap1.qcow2",
+                 backing_fmt="qcow2")
+    m = mount(wait_export="vm1")
+    export = m.path("vm1")
+    other = m.path("other")
+    other_digest = file_sha256(other)
+    err = ctl_fails("commit", export, "--top", "snap1.qcow2", "--base", "base.qcow2")
+    assert err.strip() == "chainctl: " + getxattr(export, "user.chainfs.last_error").strip()
+    assert job_info(export) == {}
+    ctl_fails("commit", export, "--top", "snap2.qcow2", "--base", "snap1.qcow2")
+    assert file_sha256(other) == other_digest
+    # With --force the user accepts that the other chain (which reads
+    # through snap1) now sees snap2's data.
+    ctl_ok("commit", export, "--top", "snap2.qcow2", "--base", "snap1.qcow2", "--force",
+           "--wait")
+    assert _layers(export) == ["vm1.qcow2", "snap1.qcow2", "base.qcow2"]
+    assert file_sha256(other) != other_digest
+
+
+def test_commit_verbose_progress_bar_on_pty(chain):
+    export, d, names, _ = chain
+    rc, out = ctl_pty("commit", export, "--top", "snap2.qcow2", "--base", "base.qcow2",
+                      "--verbose")
+    assert rc == 0, out
+    assert "\rBlock Commit: [100 %]" in out, repr(out)
+    assert "Commit complete" in out
+
+
+def test_commit_verbose_plain_lines(chain):
+    export, d, names, _ = chain
+    out = ctl_ok("commit", export, "--top", "snap2.qcow2", "--base", "base.qcow2",
+                 "--verbose")
+    assert "\r" not in out
+    assert "Block Commit: [100 %]" in out.splitlines()
+
+
+def test_commit_bandwidth_units(chain):
+    export, d, names, _ = chain
+    for args, speed in ((["--bandwidth", "3"], 3 * MiB),
+                        (["--bandwidth", "512K"], 512 * 1024),
+                        (["--bandwidth", "70000", "--bytes"], 70000)):
+        out = ctl_ok("commit", export, "--top", "snap2.qcow2", *args)
+        assert "Block Commit started" in out
+        assert job_info(export)["speed"] == speed
+        ctl_ok("job", export, "--abort", "--wait")
+        assert job_info(export)["state"] == "cancelled"
+
+
+def test_commit_async_returns_while_running(chain):
+    export, d, names, _ = chain
+    t0 = time.monotonic()
+    out = ctl_ok("commit", export, *SLOW, "--async")
+    assert "started" in out
+    j = job_info(export)
+    assert j["state"] == "running", j
+    assert j["type"] == "commit"
+    ctl_ok("job", export, "--abort", "--wait")
+    assert job_info(export)["state"] == "cancelled"
+    assert _layers(export) == list(reversed(names))
+    assert time.monotonic() - t0 < 15  # did not wait for 16 s of copying
+
+
+def test_commit_timeout_cancels(chain):
+    export, d, names, m = chain
+    digest = file_sha256(export)
+    t0 = time.monotonic()
+    err = ctl_fails("commit", export, *SLOW, "--timeout", "1")
+    assert "timed out" in err
+    assert time.monotonic() - t0 < 12
+    assert job_info(export)["state"] == "cancelled"
+    assert _layers(export) == list(reversed(names))
+    assert file_sha256(export) == digest
+
+
+def test_commit_active_pivot(chain):
+    export, d, names, m = chain
+    digest = file_sha256(export)
+    out = ctl_ok("commit", export, "--active", "--pivot", "--keep-relative")
+    assert "Successfully pivoted" in out
+    assert job_info(export)["state"] == "completed"
+    assert _layers(export) == ["base.qcow2"]
+    assert file_sha256(export) == digest
+    # writes now land in base
+    with open(export, "r+b") as f:
+        f.write(b"\xab" * 4096)
+    m.stop()
+    qemu_img_check(_img(d, "base.qcow2"))
+    raw = os.path.join(os.path.dirname(d), "b.raw")
+    qemu_img("convert", "-O", "raw", _img(d, "base.qcow2"), raw)
+    with open(raw, "rb") as f:
+        assert f.read(4096) == b"\xab" * 4096
+
+
+def test_commit_active_keep_overlay(chain):
+    export, d, names, m = chain
+    digest = file_sha256(export)
+    out = ctl_ok("commit", export, "--active", "--keep-overlay", "--base", "base.qcow2")
+    assert "overlay image kept" in out
+    assert job_info(export)["state"] == "cancelled"
+    assert _layers(export) == list(reversed(names))
+    assert file_sha256(export) == digest
+    m.stop()
+    # base is in sync with the whole chain
+    qemu_img_compare(_img(d, "base.qcow2"), _img(d, "vm1.qcow2"))
+
+
+def test_commit_active_wait_stops_at_ready(chain):
+    export, d, names, _ = chain
+    out = ctl_ok("commit", export, "--active", "--wait")
+    assert "synchronized phase" in out
+    assert job_info(export)["state"] == "ready"
+    out = ctl_ok("job", export, "--pivot", "--wait")
+    assert "pivoted" in out
+    assert _layers(export) == ["base.qcow2"]
+
+
+def test_commit_dry_run_online(chain):
+    export, d, names, _ = chain
+    out = ctl_ok("commit", export, "--top", "snap2.qcow2", "--base", "base.qcow2",
+                 "--dry-run")
+    lines = dict(l.split(": ", 1) for l in out.strip().splitlines())
+    assert lines["top"] == "snap2.qcow2" and lines["base"] == "base.qcow2"
+    layers = chain_info(export)["layers"]
+    assert int(lines["needs"].split()[0]) == layers[1]["allocated"] + layers[2]["allocated"]
+    assert job_info(export) == {}
+
+
+@pytest.mark.parametrize("args", [
+    ["--top", "nosuch.qcow2"],
+    ["--top", "vm1.qcow2"],                  # active layer without --active
+    ["--shallow", "--base", "base.qcow2"],
+])
+def test_commit_refused_prints_last_error(chain, args):
+    export, d, names, _ = chain
+    err = ctl_fails("commit", export, *args)
+    last = getxattr(export, "user.chainfs.last_error").strip()
+    assert last and err.strip() == "chainctl: " + last.replace("\n", " ")
+    assert job_info(export) == {}
+    assert _layers(export) == list(reversed(names))
+
+
+def test_commit_busy_refused(chain):
+    export, d, names, _ = chain
+    ctl_ok("commit", export, *SLOW)
+    err = ctl_fails("commit", export, "--top", "snap1.qcow2")
+    assert err.strip() == "chainctl: " + getxattr(export, "user.chainfs.last_error").strip()
+    ctl_ok("job", export, "--abort", "--wait")
+
+
+def test_sigint_during_wait_cancels(chain):
+    export, d, names, _ = chain
+    proc = subprocess.Popen([CHAINCTL, "commit", export] + SLOW + ["--wait"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        wait_for(lambda: job_info(export).get("state") == "running", timeout=20,
+                 what="job running")
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 1, (out, err)
+    assert "interrupted" in err and "cancelled" in err
+    assert len(err.splitlines()) == 1
+    assert job_info(export)["state"] == "cancelled"
+
+
+# ------------------------------------------------------------------ job
+
+def test_job_info_pause_resume_speed(chain):
+    export, d, names, _ = chain
+    out = ctl_ok("job", export)
+    assert "No current block job for vm1" in out
+    assert json.loads(ctl_ok("job", export, "--info", "--json")) == {}
+    ctl_ok("commit", export, *SLOW)
+    out = ctl_ok("job", export, "--info")
+    assert out.startswith("Block Commit: [")
+    assert "Bandwidth limit: %d bytes/s" % MiB in out
+    ctl_ok("job", export, "--pause", "--wait")
+    assert job_info(export)["state"] == "paused"
+    ctl_fails("job", export, "--pause")   # already paused: refused
+    ctl_ok("job", export, "--resume")
+    assert job_info(export)["state"] in ("running", "completed")
+    ctl_ok("job", export, "--speed", "2")
+    assert job_info(export)["speed"] == 2 * MiB
+    ctl_ok("job", export, "--speed", "4096", "--bytes")
+    assert job_info(export)["speed"] == 4096
+    ctl_ok("job", export, "--speed", "0")
+    assert job_info(export)["speed"] == 0
+    out = ctl_ok("job", export, "--wait", "--timeout", "60")
+    assert out.startswith("Block Commit: [100 %]"), out
+    assert job_info(export)["state"] == "completed"
+    assert _layers(export) == ["vm1.qcow2", "base.qcow2"]
+
+
+def test_job_verbs_refused_without_job(chain):
+    export, d, names, _ = chain
+    for verb in ("--abort", "--pivot", "--pause", "--resume"):
+        err = ctl_fails("job", export, verb)
+        assert "no job" in err.lower(), err
+
+
+def test_job_pivot_refused_while_running(chain):
+    export, d, names, _ = chain
+    ctl_ok("commit", export, *SLOW)
+    err = ctl_fails("job", export, "--pivot")
+    assert "cannot" in err
+    ctl_ok("job", export, "--abort", "--wait")
+
+
+# ------------------------------------------------------- snapshot, stream
+
+def test_snapshot_online(chain):
+    export, d, names, m = chain
+    digest = file_sha256(export)
+    out = ctl_ok("snapshot", export, "snap3.qcow2")
+    assert "snap3.qcow2" in out
+    assert _layers(export)[:2] == ["snap3.qcow2", "vm1.qcow2"]
+    assert file_sha256(export) == digest
+    ctl_fails("snapshot", export, "snap3.qcow2")   # exists
+    m.stop()
+    qemu_img_check(_img(d, "snap3.qcow2"))
+    assert backing_of(_img(d, "snap3.qcow2")) == "vm1.qcow2"
+
+
+def test_stream_online(chain):
+    export, d, names, m = chain
+    digest = file_sha256(export)
+    rc, out = ctl_pty("stream", export, "--base", "snap1.qcow2", "--verbose")
+    assert rc == 0, out
+    assert "\rBlock Pull: [100 %]" in out and "Pull complete" in out
+    assert _layers(export) == ["vm1.qcow2", "snap1.qcow2", "base.qcow2"]
+    out = ctl_ok("stream", export, "--wait")
+    assert "Pull complete" in out
+    assert _layers(export) == ["vm1.qcow2"]
+    assert file_sha256(export) == digest
+    m.stop()
+    qemu_img_check(_img(d, "vm1.qcow2"))
+    assert backing_of(_img(d, "vm1.qcow2")) is None
+
+
+def test_offline_refused_while_mounted(chain):
+    """The image files are locked by the daemon: offline work is refused."""
+    export, d, names, _ = chain
+    before = dir_hashes(d)
+    ctl_fails("commit", _img(d, "vm1.qcow2"), "--base", "base.qcow2")
+    after = dir_hashes(d)
+    assert before == after
+
+
+def test_stream_timeout_cancels(chain):
+    export, d, names, _ = chain
+    digest = file_sha256(export)
+    err = ctl_fails("stream", export, "--bandwidth", "1", "--timeout", "1")
+    assert "timed out" in err
+    j = job_info(export)
+    assert j["type"] == "stream" and j["state"] == "cancelled", j
+    assert _layers(export) == list(reversed(names))
+    assert file_sha256(export) == digest
+
+
+def test_stream_async_then_job_verbose(chain):
+    export, d, names, _ = chain
+    out = ctl_ok("stream", export, "--bandwidth", "2", "--async")
+    assert "Block Pull started" in out
+    assert job_info(export)["state"] == "running"
+    ctl_ok("job", export, "--speed", "0")
+    out = ctl_ok("job", export, "--verbose")
+    lines = out.splitlines()
+    assert "Block Pull: [100 %]" in lines, out
+    assert job_info(export)["state"] == "completed"
+    assert _layers(export) == ["vm1.qcow2"]

@@ -1,0 +1,118 @@
+"""on-error policies and the up-front space check, on a small full tmpfs."""
+import contextlib
+import errno
+import os
+import subprocess
+
+import pytest
+
+from helpers import (MiB, create_qcow2, job_info, mounted, qemu_img_check,
+                     qemu_img_compare, qemu_io, to_raw, wait_for)
+from test_merge_common import command, dir_hashes, layer_files, start, wait_state
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root for tmpfs")
+
+
+@contextlib.contextmanager
+def tmpfs(path, size):
+    path.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=%d" % size, "tmpfs", str(path)],
+                   check=True)
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+def fill(path):
+    """Fill the filesystem of path; return the filler file."""
+    filler = os.path.join(str(path), "filler")
+    with open(filler, "wb") as f:
+        try:
+            while True:
+                f.write(b"\xaa" * 65536)
+                f.flush()
+        except OSError as e:
+            assert e.errno == errno.ENOSPC
+    return filler
+
+
+def build(d):
+    create_qcow2(d / "base.qcow2", 32 * MiB)
+    create_qcow2(d / "snap1.qcow2", backing="base.qcow2")
+    create_qcow2(d / "vm1.qcow2", backing="snap1.qcow2")
+    qemu_io(d / "snap1.qcow2", "write -P 5 0 12M")
+    qemu_io(d / "vm1.qcow2", "write -P 6 1M 1M")
+
+
+def test_on_error_stop_pauses_then_resumes(tmp_path):
+    with tmpfs(tmp_path / "fs", 48 * MiB) as fs:
+        d = fs / "images"
+        d.mkdir()
+        build(d)
+        flat = to_raw(d / "vm1.qcow2", tmp_path / "flat.raw")
+        mnt = tmp_path / "mnt"
+        with mounted(d, mnt) as m:
+            m.allowed_log.append("No space left")
+            exp = m.path("vm1")
+            start(exp, "commit", "top=snap1.qcow2 bandwidth=4M on-error=stop")
+            wait_for(lambda: job_info(exp)["offset"] > 0, what="the copy to start")
+            filler = fill(fs)
+            info = wait_state(exp, ("paused", "failed", "completed"), timeout=60)
+            assert info["state"] == "paused", info
+            assert "No space left" in info["error"], info
+            os.unlink(filler)
+            start(exp, "job.resume")
+            info = wait_state(exp, ("completed", "failed"), timeout=60)
+            assert info["state"] == "completed", info
+            assert info["error"] is None
+            assert layer_files(exp) == ["vm1.qcow2", "base.qcow2"]
+            with open(exp, "rb") as f, open(flat, "rb") as g:
+                assert f.read() == g.read()
+        qemu_img_check(d / "base.qcow2")
+        qemu_img_compare(d / "vm1.qcow2", flat, fmt_b="raw")
+
+
+def test_on_error_report_fails_and_keeps_chain(tmp_path):
+    with tmpfs(tmp_path / "fs", 48 * MiB) as fs:
+        d = fs / "images"
+        d.mkdir()
+        build(d)
+        flat = to_raw(d / "vm1.qcow2", tmp_path / "flat.raw")
+        mnt = tmp_path / "mnt"
+        with mounted(d, mnt) as m:
+            m.allowed_log.append("No space left")
+            exp = m.path("vm1")
+            start(exp, "commit", "top=snap1.qcow2 bandwidth=4M")
+            wait_for(lambda: job_info(exp)["offset"] > 0, what="the copy to start")
+            filler = fill(fs)
+            info = wait_state(exp, ("failed", "completed"), timeout=60)
+            assert info["state"] == "failed", info
+            assert "No space left" in info["error"], info
+            assert layer_files(exp) == ["vm1.qcow2", "snap1.qcow2", "base.qcow2"]
+            os.unlink(filler)
+            with open(exp, "rb") as f, open(flat, "rb") as g:
+                assert f.read() == g.read()
+        qemu_img_compare(d / "vm1.qcow2", flat, fmt_b="raw")
+
+
+def test_commit_refused_up_front_without_room(tmp_path):
+    with tmpfs(tmp_path / "fs", 40 * MiB) as fs:
+        d = fs / "images"
+        d.mkdir()
+        build(d)
+        filler = os.path.join(str(fs), "filler")
+        # Leave less room than the 12 MiB the commit needs.
+        st = os.statvfs(str(fs))
+        with open(filler, "wb") as f:
+            f.write(b"\0" * (st.f_bavail * st.f_frsize - 4 * MiB))
+        before = dir_hashes(d)
+        mnt = tmp_path / "mnt"
+        with mounted(d, mnt) as m:
+            exp = m.path("vm1")
+            err, msg = command(exp, "commit", "top=snap1.qcow2")
+            assert err == errno.ENOSPC, msg
+            assert "base.qcow2" in msg and "free" in msg, msg
+            assert job_info(exp) == {}
+        after = dir_hashes(d)
+        assert before == after

@@ -1,0 +1,139 @@
+/*
+ * chainctl.h: what the parts of chainctl share.
+ *
+ * chainctl.c parses the command line into the argument structs below and
+ * decides, from the target path itself, whether it names a chainfs export
+ * (online: everything goes through the user.chainfs.* extended
+ * attributes, chainctl-online.c) or an image file (offline: src/chain and
+ * src/merge work on the files directly, chainctl-offline.c).
+ *
+ * Every ctl_online_* and ctl_offline_* function returns the process exit
+ * status: CTL_EXIT_OK, or CTL_EXIT_FAIL after printing exactly one line
+ * on stderr (ctl_fail()).  Usage errors (CTL_EXIT_USAGE) are found in
+ * chainctl.c before either is called, except for the few checks that need
+ * to know the kind of target, which say so where they are.
+ */
+#ifndef CHAINCTL_H
+#define CHAINCTL_H
+
+#include <signal.h>
+#include <stdbool.h>
+#include <stdint.h>
+#include <glib.h>
+
+enum {
+    CTL_EXIT_OK = 0,
+    CTL_EXIT_FAIL = 1,
+    CTL_EXIT_USAGE = 2,
+};
+
+/* chainctl commit: every option of the synopsis (design.md). */
+typedef struct {
+    char *top;             /* layer file name, NULL: active layer */
+    char *base;            /* layer file name, NULL: bottom */
+    bool shallow;
+    bool active;
+    bool delete_dropped;
+    bool keep_relative;
+    bool force;
+    bool has_bandwidth;
+    uint64_t bandwidth;    /* bytes per second, already converted */
+    bool dry_run;
+    bool wait;             /* also implied by verbose, timeout, pivot... */
+    bool verbose;
+    double timeout;        /* seconds, 0: none */
+    bool pivot;
+    bool keep_overlay;
+    bool async;
+} CtlCommitArgs;
+
+/* chainctl stream. */
+typedef struct {
+    char *base;
+    bool has_bandwidth;
+    uint64_t bandwidth;    /* bytes per second */
+    bool wait;
+    bool verbose;
+    double timeout;
+    bool async;
+} CtlStreamArgs;
+
+/* chainctl job: exactly one verb (INFO when none was given). */
+typedef enum {
+    CTL_JOB_INFO = 0,
+    CTL_JOB_ABORT,
+    CTL_JOB_PIVOT,
+    CTL_JOB_PAUSE,
+    CTL_JOB_RESUME,
+    CTL_JOB_SPEED,
+} CtlJobVerb;
+
+typedef struct {
+    CtlJobVerb verb;
+    uint64_t speed;        /* bytes per second, for CTL_JOB_SPEED */
+    bool wait;
+    bool verbose;
+    bool json;
+    double timeout;
+} CtlJobArgs;
+
+/* ---- chainctl.c: helpers shared by both modes ---------------------- */
+
+/* Print "chainctl: MESSAGE" as one line on stderr (newlines in the
+ * message become spaces); returns CTL_EXIT_FAIL. */
+int ctl_fail(const char *fmt, ...) G_GNUC_PRINTF(1, 2);
+
+/* Set by the SIGINT handler while a command waits for a job. */
+extern volatile sig_atomic_t ctl_interrupted;
+/* Catch SIGINT (without SA_RESTART, so that waits return early). */
+void ctl_catch_sigint(void);
+
+/* Sleep up to ms milliseconds; returns early on a signal. */
+void ctl_nap(unsigned ms);
+
+/* "1.5 MiB" style text of a byte count.  Newly allocated. */
+char *ctl_human_size(uint64_t bytes);
+
+/*
+ * Progress display after virsh: on a terminal one line rewritten in place
+ * ("\rBlock Commit: [ 42 %]"), otherwise a plain line each time the
+ * percentage changes.  ctl_progress_done() ends the line on a terminal.
+ */
+typedef struct {
+    const char *label;     /* "Block Commit", "Block Pull" */
+    bool tty;
+    int last_percent;      /* -1 before the first update */
+} CtlProgress;
+
+void ctl_progress_init(CtlProgress *p, const char *label);
+void ctl_progress_update(CtlProgress *p, uint64_t done, uint64_t total);
+void ctl_progress_done(CtlProgress *p);
+
+/*
+ * Split the text of a JSON array ("[...]") into the texts of its elements.
+ * NULL when text is not a well-formed array.
+ */
+GPtrArray *ctl_json_array_items(const char *text);
+
+/* ---- chainctl-online.c: a mounted export --------------------------- */
+
+/*
+ * Whether path is a chainfs export: 1 yes, 0 no (an ordinary file),
+ * -errno when path cannot be looked at (missing, no permission).
+ */
+int ctl_target_is_export(const char *path);
+
+int ctl_online_info(const char *path, bool json);
+int ctl_online_commit(const char *path, const CtlCommitArgs *a);
+int ctl_online_stream(const char *path, const CtlStreamArgs *a);
+int ctl_online_job(const char *path, const CtlJobArgs *a);
+int ctl_online_snapshot(const char *path, const char *file);
+
+/* ---- chainctl-offline.c: image files ------------------------------- */
+
+int ctl_offline_info(const char *path, bool json);
+int ctl_offline_commit(const char *path, const CtlCommitArgs *a);
+int ctl_offline_stream(const char *path, const CtlStreamArgs *a);
+int ctl_offline_snapshot(const char *path, const char *file);
+
+#endif

@@ -276,8 +276,8 @@ static gint str_ptr_cmp(gconstpointer a, gconstpointer b)
     return strcmp(*(const char *const *)a, *(const char *const *)b);
 }
 
-/* The export name recorded for top in [exports], or NULL. */
-static char *state_export_for(GKeyFile *state, const char *top)
+/* The export name whose recorded active file is file, or NULL. */
+static char *state_export_recorded(GKeyFile *state, const char *file)
 {
     g_auto(GStrv) keys = g_key_file_get_keys(state, "exports", NULL, NULL);
 
@@ -285,9 +285,64 @@ static char *state_export_for(GKeyFile *state, const char *top)
         g_autofree char *v = g_key_file_get_string(state, "exports", keys[i],
                                                    NULL);
 
-        if (v && strcmp(v, top) == 0) {
+        if (v && strcmp(v, file) == 0) {
             return g_strdup(keys[i]);
         }
+    }
+    return NULL;
+}
+
+/* Does the backing chain of top (top included) contain file? */
+static bool dir_chain_contains(GHashTable *images, const char *top,
+                               const char *file)
+{
+    const char *cur = top;
+
+    for (int depth = 0; cur && depth <= CHAIN_MAX_DEPTH; depth++) {
+        if (strcmp(cur, file) == 0) {
+            return true;
+        }
+        DirImage *di = g_hash_table_lookup(images, cur);
+        cur = di ? di->backing : NULL;
+    }
+    return false;
+}
+
+/*
+ * The export name recorded for top in [exports], or NULL.  The record
+ * names the active file when it was written; a live snapshot writes it
+ * after creating the new overlay, so a crash in between leaves a record
+ * naming the layer just below the new top.  The name then follows the
+ * chain: it goes to the one top whose chain holds the recorded file (none
+ * if two chains share it, for a shared layer says nothing of which chain
+ * the name belongs to).
+ */
+static char *state_export_for(GKeyFile *state, GHashTable *images,
+                              GPtrArray *tops, const char *top)
+{
+    char *exact = state_export_recorded(state, top);
+
+    if (exact) {
+        return exact;
+    }
+
+    DirImage *di = g_hash_table_lookup(images, top);
+    const char *cur = di ? di->backing : NULL;
+
+    for (int depth = 0; cur && depth < CHAIN_MAX_DEPTH; depth++) {
+        g_autofree char *name = state_export_recorded(state, cur);
+
+        if (name) {
+            guint holders = 0;
+
+            for (guint i = 0; i < tops->len; i++) {
+                holders += dir_chain_contains(images,
+                                              g_ptr_array_index(tops, i), cur);
+            }
+            return holders == 1 ? g_steal_pointer(&name) : NULL;
+        }
+        di = g_hash_table_lookup(images, cur);
+        cur = di ? di->backing : NULL;
     }
     return NULL;
 }
@@ -353,7 +408,8 @@ GPtrArray *dir_discover(const char *dir, GPtrArray *warnings, GError **error)
     for (int pass = 0; pass < 2; pass++) {
         for (guint i = 0; i < tops->len; i++) {
             const char *top = g_ptr_array_index(tops, i);
-            g_autofree char *recorded = state_export_for(state, top);
+            g_autofree char *recorded = state_export_for(state, images, tops,
+                                                        top);
             char *name;
 
             if ((pass == 0) != (recorded != NULL)) {

@@ -303,7 +303,12 @@ class Mount:
 
     def __exit__(self, exc_type, exc, tb):
         killed = self.killed
+        died = self.proc is not None and self.proc.poll() is not None
         rc = self.stop()
+        if exc_type is not None:
+            # Shown by pytest with the failure: why the daemon went away.
+            print("chainfs %s, exit status %s; its log:\n%s" % (
+                "had died" if died else "was running", rc, self.read_log()))
         if exc_type is None and not killed and self.expect_clean:
             assert rc == 0, "chainfs exited %s:\n%s" % (rc, self.read_log())
             for line in self.read_log().splitlines():

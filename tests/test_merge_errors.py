@@ -2,6 +2,8 @@
 import contextlib
 import errno
 import os
+import random
+import time
 import subprocess
 
 import pytest
@@ -116,3 +118,82 @@ def test_commit_refused_up_front_without_room(tmp_path):
             assert job_info(exp) == {}
         after = dir_hashes(d)
         assert before == after
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_disk_fills_at_a_random_moment_of_a_commit(tmp_path, seed):
+    """The filesystem of base fills at a seeded moment of a commit, under a
+    seeded on-error policy, while the guest writes: the daemon survives,
+    nothing acknowledged is lost, and once room comes back the job ends
+    with the chain correct (an ignored error is retried, never skipped)."""
+    rng = random.Random(seed)
+    policy = rng.choice(["report", "stop", "ignore"])
+    with tmpfs(tmp_path / "fs", 48 * MiB) as fs:
+        d = fs / "images"
+        d.mkdir()
+        build(d)
+        mnt = tmp_path / "mnt"
+        with mounted(d, mnt) as m:
+            m.allowed_log.append("No space left")
+            exp = m.path("vm1")
+            with open(exp, "rb") as f:
+                model = bytearray(f.read())
+            start(exp, "commit", "top=snap1.qcow2 bandwidth=%dM on-error=%s"
+                  % (rng.choice([4, 8, 16]), policy))
+            time.sleep(rng.uniform(0, 1.5))
+            filler = fill(fs)
+            # The guest overwrites clusters it owns already: no new room.
+            fd = os.open(exp, os.O_RDWR)
+            try:
+                for _ in range(20):
+                    off = rng.randrange(1 * MiB, 2 * MiB - 4096, 512)
+                    data = rng.randbytes(4096)
+                    assert os.pwrite(fd, data, off) == len(data)
+                    model[off:off + len(data)] = data
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            time.sleep(rng.uniform(0, 1.5))
+            os.unlink(filler)
+            info = job_info(exp)
+            if info.get("state") == "paused":
+                start(exp, "job.resume")
+            info = wait_state(exp, ("completed", "failed", "cancelled"), timeout=60)
+            if policy != "report":
+                assert info["state"] == "completed", info
+            if info["state"] == "completed":
+                assert layer_files(exp) == ["vm1.qcow2", "base.qcow2"]
+            else:
+                assert layer_files(exp) == ["vm1.qcow2", "snap1.qcow2", "base.qcow2"]
+            with open(exp, "rb") as f:
+                assert f.read() == bytes(model)
+        for img in ("vm1.qcow2", "base.qcow2"):
+            qemu_img_check(d / img)
+        flat = tmp_path / "flat.raw"
+        flat.write_bytes(bytes(model))
+        qemu_img_compare(d / "vm1.qcow2", flat, fmt_b="raw")
+
+
+def test_stream_ignoring_errors_keeps_the_layers(tmp_path):
+    """on-error=ignore lets a stream go on past a range it could not copy,
+    as QEMU's does, and then ends failed with the backing chain kept."""
+    with tmpfs(tmp_path / "fs", 48 * MiB) as fs:
+        d = fs / "images"
+        d.mkdir()
+        build(d)
+        flat = to_raw(d / "vm1.qcow2", tmp_path / "flat.raw")
+        mnt = tmp_path / "mnt"
+        with mounted(d, mnt) as m:
+            m.allowed_log.append("No space left")
+            exp = m.path("vm1")
+            filler = fill(fs)
+            start(exp, "stream", "on-error=ignore")
+            info = wait_state(exp, ("failed", "completed"), timeout=60)
+            assert info["state"] == "failed", info
+            assert "skipped" in info["error"] and "No space left" in info["error"], info
+            assert layer_files(exp) == ["vm1.qcow2", "snap1.qcow2", "base.qcow2"]
+            os.unlink(filler)
+            with open(exp, "rb") as f, open(flat, "rb") as g:
+                assert f.read() == g.read()
+        qemu_img_check(d / "vm1.qcow2")
+        qemu_img_compare(d / "vm1.qcow2", flat, fmt_b="raw")

@@ -215,8 +215,7 @@ bool merge_commit_estimate(Chain *chain, const CommitOptions *opts,
  * Copy the run starting at off (at most one chunk of data) from top's view
  * into base.  On entry no lock held; top and base are layers of chain.
  * On success *advance is the length handled (> 0) and *written the data
- * bytes written.  Negative errno on failure (*advance: the length to skip
- * under on-error=ignore).
+ * bytes written.  Negative errno on failure.
  */
 static int commit_copy_step(Chain *chain, ChainImage *top, ChainImage *base,
                             uint64_t off, uint64_t end, void *buf,
@@ -277,6 +276,8 @@ out:
  */
 #define COMMIT_WORKERS 3
 #define COMMIT_WINDOW ((uint64_t)MERGE_CHUNK)
+/* Wait before retrying a range whose error on-error=ignore let pass. */
+#define COMMIT_RETRY_US (G_USEC_PER_SEC / 2)
 
 typedef struct {
     Chain *chain;         /* fixed */
@@ -332,7 +333,13 @@ static int commit_copy_window(CommitCopy *c, uint64_t off, uint64_t end,
             case JOB_ERROR_RETRY:
                 continue;
             case JOB_ERROR_SKIP:
-                off += advance;
+                /* As QEMU's commit: an ignored error is retried later,
+                 * never skipped, since top leaves the chain at the end
+                 * and whatever base lacks then is lost.  The other
+                 * workers go on meanwhile. */
+                if (job_sleep(c->job, COMMIT_RETRY_US)) {
+                    return -ECANCELED;
+                }
                 continue;
             case JOB_ERROR_FAIL:
             default:
@@ -551,13 +558,19 @@ bool commit_finish(Chain *chain, ChainImage *top, ChainImage *base,
         }
         chain_drop_layers(chain, (guint)first, (guint)base_idx - 1);
     }
-    if (!checkpoint_record_dropped(dir, chain->name, names, NULL, error)) {
-        /* The chain on disk is right already; only the record is late. */
-        g_prefix_error(error, "cannot record the dropped layers: ");
-        chain_topo_unlock(chain);
-        return false;
-    }
     chain_topo_unlock(chain);
+    /* The commit is done: the chain on disk and in memory is right, and the
+     * dropped layers are closed.  Only the record is late; the checkpoint
+     * still in the state file lets the next mount write it (see
+     * merge_resume_interrupted). */
+    {
+        g_autoptr(GError) err = NULL;
+
+        if (!checkpoint_record_dropped(dir, chain->name, names, NULL, &err)) {
+            g_message("%s: cannot record the dropped layers: %s",
+                      chain->name, err->message);
+        }
+    }
     *dropped = g_steal_pointer(&names);
     return true;
 

@@ -408,6 +408,22 @@ bool job_rate_limit(Job *job, uint64_t bytes)
     }
 }
 
+bool job_sleep(Job *job, int64_t us)
+{
+    g_autoptr(GMutexLocker) locker = g_mutex_locker_new(&job->lock);
+    int64_t until = g_get_monotonic_time() + us;
+
+    for (;;) {
+        if (job_pause_point_locked(job)) {
+            return true;
+        }
+        if (g_get_monotonic_time() >= until) {
+            return false;
+        }
+        g_cond_wait_until(&job->cond, &job->lock, until);
+    }
+}
+
 void job_set_progress(Job *job, uint64_t offset, uint64_t len)
 {
     g_autoptr(GMutexLocker) locker = g_mutex_locker_new(&job->lock);

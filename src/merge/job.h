@@ -157,6 +157,9 @@ bool job_pause_point(Job *job);
 /* Wait until bytes may go at the job's speed, pausing meanwhile.  TRUE
  * when the job must stop. */
 bool job_rate_limit(Job *job, uint64_t bytes);
+/* Wait us microseconds, pausing meanwhile; woken early by a cancel.  TRUE
+ * when the job must stop. */
+bool job_sleep(Job *job, int64_t us);
 /* Record progress. */
 void job_set_progress(Job *job, uint64_t offset, uint64_t len);
 void job_add_copied(Job *job, uint64_t bytes);
@@ -166,7 +169,8 @@ void job_set_error(Job *job, int err, const char *fmt, ...)
 
 /*
  * An I/O error on a range under policy: returns JOB_ERROR_RETRY (stop
- * policy: paused with the error until resume), JOB_ERROR_SKIP (ignore), or
+ * policy: paused with the error until resume), JOB_ERROR_SKIP (ignore: the
+ * driver goes on, but must never drop a layer whose data it skipped), or
  * JOB_ERROR_FAIL (report; or cancelled while paused: then -ECANCELED is
  * the caller's return).  *ret_out gets what run should return on FAIL.
  */

@@ -118,7 +118,9 @@ Job *stream_job_create(MergeContext *ctx, Chain *chain,
  * lie between it and base) get base as backing file, the layers between
  * leave the chain, the state file records them dropped and forgets the
  * checkpoint.  *dropped gets their names (NULL-terminated).  Images of
- * reopened that leave the chain are removed from it.
+ * reopened that leave the chain are removed from it.  FALSE only when
+ * nothing changed; once layers left the chain a failure to write the
+ * record is logged and the commit still counts as done.
  */
 bool commit_finish(Chain *chain, ChainImage *top, ChainImage *base,
                    bool keep_relative, GPtrArray *reopened, char ***dropped,

@@ -32,6 +32,7 @@ typedef struct {
     uint64_t size;
     bool serializing;     /* serialize_count raised by this job */
     bool finished;
+    int skipped_err;      /* errno of the last range on-error=ignore let pass */
 } StreamJob;
 
 static StreamJob *stream_job(Job *job)
@@ -163,6 +164,9 @@ static int stream_run(Job *job)
             case JOB_ERROR_RETRY:
                 continue;
             case JOB_ERROR_SKIP:
+                /* As QEMU's stream: go on, but end failed so that the
+                 * layers holding the skipped range stay in the chain. */
+                s->skipped_err = -ret;
                 off += advance;
                 continue;
             case JOB_ERROR_FAIL:
@@ -178,6 +182,13 @@ static int stream_run(Job *job)
                 return -ECANCELED;
             }
         }
+    }
+    if (s->skipped_err) {
+        job_set_error(job, s->skipped_err, "stream into %s skipped ranges "
+                      "after errors (on-error=ignore), so the chain keeps "
+                      "its layers: %s", s->top->name,
+                      g_strerror(s->skipped_err));
+        return -s->skipped_err;
     }
     return 0;
 }

@@ -680,7 +680,7 @@ int chain_range_kind(Chain *chain, uint64_t offset, uint64_t bytes,
 
     chain_topo_rdlock(chain);
     for (int i = 0; i < RANGE_KIND_MERGE_MAX && done < bytes; i++) {
-        uint64_t n;
+        uint64_t n = 0;
         int k = range_kind_run(chain, offset + done, bytes - done, &n);
 
         if (k < 0) {

@@ -6,8 +6,10 @@
  * an image `qemu-img check` finds consistent, leaks aside; a power loss
  * loses nothing acknowledged before the last flush):
  *   1. new host clusters come from a batch whose refcounts are already 1
- *      and synced (qcow2-refcount.c), so no L2 entry ever points to a
- *      cluster with refcount 0;
+ *      (written; qcow2-refcount.c), and those writes are durable before
+ *      any pointer to the batch is: L2 entries by rule 3, whose fdatasync
+ *      covers them, the L1 entry of a new table by rule 4; so no durable
+ *      L2 or L1 entry ever points to a cluster with refcount 0;
  *   2. a new cluster's data (the guest bytes and the copy-on-write fill) is
  *      written completely before its L2 entry is set, and the entry is set
  *      only in the cached table, which becomes dirty and stays in memory;
@@ -19,7 +21,8 @@
  *      (backing data acknowledged long ago) would read as zeros;
  *   4. a new L2 table is written before the L1 entry that points to it (a
  *      copied one, which holds entries that are already durable, is also
- *      synced first);
+ *      synced first, and so is a fresh one while the refcounts of the
+ *      current batch are not known durable: s->rc_unsynced);
  *   5. what the old entries pointed to is released (refcount decremented)
  *      only after the fdatasync that made the dirty tables durable, and
  *      freed clusters are never reused.
@@ -118,7 +121,7 @@ static int qcow2_cache_victim(ChainImage *img, Qcow2CacheEntry **out)
         if (victim) {
             break;
         }
-        int ret = qcow2_datasync(img->fd);
+        int ret = qcow2_sync_meta(img);
         if (ret == 0) {
             ret = qcow2_cache_write_dirty(img);
         }
@@ -385,8 +388,10 @@ static int qcow2_l2_prepare(ChainImage *img, uint64_t l1i)
         return ret;
     }
     ret = qcow2_pwrite_full(img->fd, content, s->cluster_size, new_off);
-    if (ret == 0 && old) {
-        ret = qcow2_datasync(img->fd);
+    if (ret == 0 && (old || s->rc_unsynced)) {
+        /* A copied table's content, or the new cluster's refcount (see
+         * qcow2-refcount.c), must be durable before the L1 entry is. */
+        ret = qcow2_sync_meta(img);
     }
     if (ret < 0) {
         return ret;

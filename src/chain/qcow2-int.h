@@ -126,6 +126,8 @@ typedef struct BDRVQcow2State {
     /* protected by meta_lock: allocation (see qcow2-refcount.c) */
     uint64_t pool_next;        /* next host cluster handed out */
     uint64_t pool_end;         /* end of the reserved batch */
+    bool rc_unsynced;          /* refcount writes of a batch that no
+                                  fdatasync has covered yet */
     GArray *pending_frees;     /* of Qcow2PendingFree */
 
     /* protected by meta_lock: guest clusters whose allocation is in flight
@@ -212,8 +214,11 @@ int qcow2_co_pwrite_zeroes(ChainImage *img, uint64_t offset, uint64_t bytes,
 int qcow2_get_refcount(ChainImage *img, uint64_t offset, uint64_t *refcount);
 /*
  * Hand out n contiguous new host clusters (n <= what one batch holds),
- * whose refcounts are already 1 and durable.  meta_lock held.  Returns
- * the host offset in *offset, or negative errno.
+ * whose refcounts are already 1 on disk, durable once an fdatasync under
+ * meta_lock follows (s->rc_unsynced is set until then): a caller that
+ * writes a pointer to them other than through the L2 cache syncs first
+ * while it is set.  meta_lock held.  Returns the host offset in *offset,
+ * or negative errno.
  */
 int qcow2_alloc_clusters(ChainImage *img, uint64_t n, uint64_t *offset);
 /* How many clusters are left in the current batch (0: a new one is
@@ -224,6 +229,9 @@ uint64_t qcow2_pool_left(BDRVQcow2State *s);
 void qcow2_defer_free(BDRVQcow2State *s, uint64_t offset, uint64_t len);
 /* Queue the release of whatever an L2 entry points to (not the table). */
 void qcow2_defer_free_entry(BDRVQcow2State *s, uint64_t l2e);
+/* fdatasync of the image with meta_lock held: everything written before
+ * is durable, the refcounts of the current batch included. */
+int qcow2_sync_meta(ChainImage *img);
 /* fdatasync, then apply the frees queued before it.  Takes meta_lock
  * itself; call without it. */
 int qcow2_flush_and_free(ChainImage *img);

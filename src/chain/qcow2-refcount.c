@@ -2,18 +2,29 @@
  * qcow2-refcount.c: refcounts, the allocation pool and deferred frees.
  *
  * Allocation happens only at the end of the file, from a batch (the pool)
- * reserved ahead: the batch's refcounts are set to 1 and made durable
- * (fdatasync) before any cluster of it is handed out, so an L2 or L1 entry
- * never points to a cluster whose refcount is 0, whatever prefix of our
- * writes survives a crash.  A crash merely leaks the unused rest of the
- * batch, which `qemu-img check` reports as leaks and `-r leaks` repairs.
- * At close the unused rest is given back (refcounts 0, synced, then the
- * file is truncated).
+ * reserved ahead: the batch's refcounts are set to 1 (written) before any
+ * cluster of it is handed out, and an fdatasync separates that write from
+ * the first on-disk pointer to a cluster of the batch, so an L2 or L1
+ * entry never points to a cluster whose refcount is 0, whatever prefix of
+ * our writes survives a crash.  That fdatasync is not taken per batch:
+ * L2 entries reach the disk only after an fdatasync anyway (qcow2-cluster.c,
+ * rule 3), which covers every batch reserved before it; the one writer of
+ * another pointer into a batch, the L1 entry of a new L2 table
+ * (qcow2_l2_prepare), syncs first while s->rc_unsynced says that the
+ * current batch's refcounts are not covered yet; growing the L1 table
+ * syncs before its header write.  (Syncing per batch would write back all
+ * the guest data dirtied since the last one, under meta_lock, every 16 MiB
+ * of allocation.)  A crash merely leaks the unused rest of the batch (or,
+ * on power loss, loses refcounts that nothing durable points to), which
+ * `qemu-img check` reports as leaks and `-r leaks` repairs.  At close the
+ * unused rest is given back (refcounts 0, synced, then the file is
+ * truncated).
  *
  * Refcount blocks a batch needs are placed at the start of the batch and
- * count themselves; a refcount table too small for them is replaced by a
- * larger one, also at the start of the batch, written and synced before the
- * header points to it; the old one is freed later.
+ * count themselves; they are written and synced before the refcount table
+ * entries that name them.  A refcount table too small for them is replaced
+ * by a larger one, also at the start of the batch, written and synced
+ * before the header points to it; the old one is freed later.
  *
  * Frees (refcount decrements) are queued and applied only after an
  * fdatasync that made the entries no longer pointing to them durable
@@ -149,6 +160,17 @@ int qcow2_get_refcount(ChainImage *img, uint64_t offset, uint64_t *refcount)
     return ret;
 }
 
+int qcow2_sync_meta(ChainImage *img)
+{
+    BDRVQcow2State *s = img->opaque;
+    int ret = qcow2_datasync(img->fd);
+
+    if (ret == 0) {
+        s->rc_unsynced = false;
+    }
+    return ret;
+}
+
 uint64_t qcow2_pool_left(BDRVQcow2State *s)
 {
     return (s->pool_end - s->pool_next) >> s->cluster_bits;
@@ -244,11 +266,19 @@ static int qcow2_reserve_batch(ChainImage *img, uint64_t want)
     if (ret == 0 && meta_rb > 0) {
         ret = qcow2_pwrite_full(img->fd, newblks, meta_rb * cs, rb_off);
     }
-    if (ret == 0) {
-        ret = qcow2_datasync(img->fd);
-    }
     if (ret < 0) {
         goto out;
+    }
+    if (meta_rb == 0 && meta_rt == 0) {
+        /* Only entries of existing blocks changed: durable at the next
+         * fdatasync, before anything durable points into the batch. */
+        s->rc_unsynced = true;
+    } else {
+        /* New blocks are synced before the table (entries) naming them. */
+        ret = qcow2_sync_meta(img);
+        if (ret < 0) {
+            goto out;
+        }
     }
 
     if (meta_rt > 0) {
@@ -274,7 +304,7 @@ static int qcow2_reserve_batch(ChainImage *img, uint64_t want)
             ret = qcow2_pwrite_full(img->fd, h, sizeof(h), 48);
             if (ret == 0) {
                 memcpy(s->header_raw + 48, h, sizeof(h));
-                ret = qcow2_datasync(img->fd);
+                ret = qcow2_sync_meta(img);
             }
         }
         if (ret < 0) {
@@ -303,7 +333,7 @@ static int qcow2_reserve_batch(ChainImage *img, uint64_t want)
         ret = qcow2_pwrite_full(img->fd, be, (hi - lo) * 8,
                                 s->rt_offset + lo * 8);
         if (ret == 0) {
-            ret = qcow2_datasync(img->fd);
+            ret = qcow2_sync_meta(img);
         }
         if (ret < 0) {
             goto out;
@@ -430,7 +460,7 @@ int qcow2_flush_and_free(ChainImage *img)
     g_mutex_lock(&img->meta_lock);
     frees = s->pending_frees;
     s->pending_frees = g_array_new(FALSE, FALSE, sizeof(Qcow2PendingFree));
-    ret = qcow2_datasync(img->fd);
+    ret = qcow2_sync_meta(img);
     if (ret == 0) {
         ret = qcow2_cache_write_dirty(img);
     }

@@ -17,6 +17,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <linux/falloc.h>
+#include <linux/fuse.h>
 #include <string.h>
 #include <sys/statvfs.h>
 #include <unistd.h>
@@ -200,6 +201,29 @@ static void chainfs_setattr(fuse_req_t req, fuse_ino_t ino, struct stat *attr,
     fuse_reply_attr(req, &st, CHAINFS_ATTR_TIMEOUT);
 }
 
+/*
+ * Reply to the open of an export with direct I/O, letting the kernel send
+ * direct writes to it in parallel.  Without FOPEN_PARALLEL_DIRECT_WRITES
+ * the kernel holds the inode lock across each direct write, so that a
+ * guest's concurrent synchronous writers reach us one at a time, however
+ * many threads serve requests.  The chain takes concurrent writes (the
+ * qcow2 driver marks the clusters it allocates, chain-io serialises
+ * overlapping writes while a job mirrors them).  libfuse 3.14's
+ * fuse_file_info has no bit for the flag: the reply is built here, as
+ * fuse_reply_open() builds it (fh and open flags, nothing else).  A kernel
+ * without the flag ignores it.
+ */
+static void reply_open_parallel_writes(fuse_req_t req,
+                                       const struct fuse_file_info *fi)
+{
+    struct fuse_open_out out;
+
+    memset(&out, 0, sizeof(out));
+    out.fh = fi->fh;
+    out.open_flags = FOPEN_DIRECT_IO | FOPEN_PARALLEL_DIRECT_WRITES;
+    fuse_reply_buf(req, (const char *)&out, sizeof(out));
+}
+
 static void chainfs_open(fuse_req_t req, fuse_ino_t ino,
                          struct fuse_file_info *fi)
 {
@@ -235,6 +259,10 @@ static void chainfs_open(fuse_req_t req, fuse_ino_t ino,
     fi->direct_io = (fi->flags & O_DIRECT) ? 1 : 0;
     fi->keep_cache = 0;
     fi->fh = 0;
+    if (fi->direct_io) {
+        reply_open_parallel_writes(req, fi);
+        return;
+    }
     fuse_reply_open(req, fi);
 }
 

@@ -117,6 +117,18 @@ def build_chain(d, size=32 * MiB, top="vm1.qcow2", cluster_size=None, big=0,
     return names
 
 
+def dry_run_lines(out):
+    """commit --dry-run's output ("top: F", "base: F", "needs: N bytes (..)",
+    "available: N bytes (..)") as a dict; needs and available checked to be
+    byte counts."""
+    lines = dict(l.split(": ", 1) for l in out.strip().splitlines())
+    assert set(lines) == {"top", "base", "needs", "available"}, out
+    for key in ("needs", "available"):
+        n, unit = lines[key].split()[:2]
+        assert n.isdigit() and unit == "bytes", out
+    return lines
+
+
 def copy_dir(src, dst):
     shutil.copytree(str(src), str(dst))
     return str(dst)
@@ -135,4 +147,4 @@ def backing_of(image):
 
 
 __all__ = ["ctl", "ctl_ok", "ctl_fails", "ctl_pty", "info_blocks", "build_chain",
-           "copy_dir", "dir_hashes", "backing_of", "wait_for", "MiB"]
+           "dry_run_lines", "copy_dir", "dir_hashes", "backing_of", "wait_for", "MiB"]

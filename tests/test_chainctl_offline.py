@@ -1,12 +1,18 @@
 """chainctl without a daemon: command line, usage errors, and offline work
 on image files (info, commit, snapshot), each result checked with qemu-img.
 """
+import fcntl
 import json
 import os
+import select
+import signal
+import subprocess
+import time
 
 import pytest
 
-from helpers import CHAINCTL, qemu_img, qemu_img_check, qemu_img_compare, qemu_img_info
+from helpers import (CHAINCTL, file_sha256, mounted, qemu_img, qemu_img_check,
+                     qemu_img_compare, qemu_img_info)
 from test_chainctl_common import *  # noqa: F401,F403
 
 COMMANDS = ["info", "commit", "job", "snapshot", "stream"]
@@ -116,6 +122,25 @@ def test_info_json(image_dir):
         assert l["backing"] == (names[-2 - i] if i + 1 < len(names) else None)
 
 
+def test_info_json_cluster_size_and_backing_format(image_dir):
+    """The extra layer members: cluster_size (null for raw), backing_format."""
+    from helpers import make_chain
+    names = make_chain(image_dir, depth=3, size=8 * MiB, base_fmt="raw",
+                       cluster_size=32768)
+    top = os.path.join(str(image_dir), names[-1])
+    qinfo = _qemu_chain(top)
+    layers = json.loads(ctl_ok("info", "--json", top))["layers"]
+    assert len(layers) == len(qinfo) == 3
+    for i, (l, q) in enumerate(zip(layers, qinfo)):
+        assert l["file"] == os.path.basename(q["filename"])
+        assert l["cluster_size"] == (None if q["format"] == "raw" else q["cluster-size"])
+        want_fmt = layers[i + 1]["format"] if q.get("backing-filename") else None
+        assert l["backing_format"] == want_fmt
+    assert layers[0]["cluster_size"] == 32768
+    assert layers[-1]["format"] == "raw" and layers[-1]["cluster_size"] is None
+    assert layers[-2]["backing_format"] == "raw"
+
+
 def test_info_raw_base(image_dir):
     from helpers import make_chain
     names = make_chain(image_dir, depth=2, size=8 * MiB, base_fmt="raw")
@@ -208,7 +233,7 @@ def test_offline_commit_dry_run_changes_nothing(image_dir):
     out = ctl_ok("commit", top, "--base", "base.qcow2", "--dry-run")
     after = dir_hashes(image_dir)
     assert before == after
-    lines = dict(l.split(": ", 1) for l in out.strip().splitlines())
+    lines = dry_run_lines(out)
     assert lines["top"] == names[-1] and lines["base"] == "base.qcow2"
     need = int(lines["needs"].split()[0])
     allocated = sum(l["allocated"] for l in
@@ -217,6 +242,19 @@ def test_offline_commit_dry_run_changes_nothing(image_dir):
     # no more than what the merged layers hold, plus metadata slack
     assert need <= allocated + 4 * MiB, (need, allocated)
     assert int(lines["available"].split()[0]) > 0
+
+
+def test_offline_commit_dry_run_defaults(image_dir):
+    """The layers the dry run names follow the commit's defaults."""
+    names = build_chain(image_dir)
+    top = _image(image_dir, names[-1])
+    lines = dry_run_lines(ctl_ok("commit", top, "--dry-run"))
+    assert (lines["top"], lines["base"]) == (names[-1], "base.qcow2")
+    lines = dry_run_lines(ctl_ok("commit", top, "--top", "snap1.qcow2", "--shallow",
+                                 "--dry-run"))
+    assert (lines["top"], lines["base"]) == ("snap1.qcow2", "base.qcow2")
+    err = ctl_fails("commit", top, "--top", "base.qcow2", "--dry-run")
+    assert "base.qcow2" in err
 
 
 def test_offline_commit_verbose_pty(image_dir):
@@ -301,3 +339,111 @@ def test_offline_stream(image_dir, tmp_path):
     assert backing_of(top) == "snap1.qcow2" or backing_of(top).endswith("/snap1.qcow2")
     qemu_img_check(top)
     qemu_img_compare(top, before, fmt_b="raw")
+
+
+# ------------------------------------------------------- Ctrl-C offline
+
+F_SETPIPE_SZ = 1031
+
+
+def _full_pipe():
+    """A pipe whose buffer is full: a write into it blocks until the reader
+    drains it.  Returns (read fd, write fd, bytes already in it)."""
+    r, w = os.pipe()
+    fcntl.fcntl(w, F_SETPIPE_SZ, 4096)
+    flags = fcntl.fcntl(w, fcntl.F_GETFL)
+    fcntl.fcntl(w, fcntl.F_SETFL, flags | os.O_NONBLOCK)
+    filled = 0
+    try:
+        while True:
+            filled += os.write(w, b"#" * 4096)
+    except BlockingIOError:
+        pass
+    fcntl.fcntl(w, fcntl.F_SETFL, flags)
+    return r, w, filled
+
+
+def _catches_sigint(pid):
+    with open("/proc/%d/status" % pid) as f:
+        for line in f:
+            if line.startswith("SigCgt:"):
+                return bool(int(line.split()[1], 16) & (1 << (signal.SIGINT - 1)))
+    return False
+
+
+def _read_to_eof(fd, timeout):
+    data = b""
+    deadline = time.monotonic() + timeout
+    while True:
+        left = deadline - time.monotonic()
+        assert left > 0, "chainctl did not finish: %r" % data[-200:]
+        r, _, _ = select.select([fd], [], [], left)
+        if r:
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                return data
+            data += chunk
+
+
+def test_offline_commit_sigint_stops_cleanly(image_dir, tmp_path, mountpoint):
+    """Ctrl-C in the middle of an offline commit: exit 1 with one line that
+    says so, every image passes qemu-img check with no leak, no backing
+    reference changed, base holds part of the data, and the chain reads
+    as before, through qemu-img and through chainfs.  A reissued commit
+    then completes.
+
+    Deterministic: chainctl's stdout is a full pipe, so its first progress
+    line holds the commit's calling thread (the copy goes on in its
+    workers) until the test, after the SIGINT, drains the pipe."""
+    names = build_chain(image_dir, size=128 * MiB, big=64 * MiB, big_layer="snap2.qcow2")
+    top = _image(image_dir, names[-1])
+    base = _image(image_dir, "base.qcow2")
+    original = tmp_path / "original.raw"
+    qemu_img("convert", "-O", "raw", top, original)
+    original_digest = file_sha256(original)
+    backings = {n: backing_of(_image(image_dir, n)) for n in names}
+    base_digest = file_sha256(base)
+    base_blocks = os.stat(base).st_blocks
+
+    r, w, filled = _full_pipe()
+    proc = subprocess.Popen([CHAINCTL, "commit", top, "--verbose"], stdout=w,
+                            stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
+    os.close(w)
+    try:
+        wait_for(lambda: proc.poll() is not None or _catches_sigint(proc.pid),
+                 timeout=30, what="chainctl catching SIGINT")
+        # The copy has written into base: the commit is under way.
+        wait_for(lambda: proc.poll() is not None or os.stat(base).st_blocks > base_blocks,
+                 timeout=30, what="the copy into base")
+        assert proc.poll() is None, "chainctl ended before the SIGINT"
+        proc.send_signal(signal.SIGINT)
+        out = _read_to_eof(r, 120)[filled:].decode()
+        proc.wait(timeout=60)
+        err = proc.stderr.read().decode()
+    finally:
+        os.close(r)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stderr.close()
+    low = err.lower()
+    assert "sanitizer" not in low and "runtime error" not in low, err
+    assert proc.returncode == 1, (out, err)
+    assert len(err.splitlines()) == 1, err
+    assert err.startswith("chainctl: interrupted: commit of %s into base.qcow2 "
+                          % names[-1]), err
+    assert "no backing file was changed" in err
+    assert "Commit complete" not in out
+    assert out and all(l.startswith("Block Commit: [") for l in out.splitlines()), out
+
+    for n in names:
+        qemu_img("check", _image(image_dir, n))  # exit 0: no corruption, no leak
+        assert backing_of(_image(image_dir, n)) == backings[n], n
+    assert file_sha256(base) != base_digest  # part of the data reached base
+    qemu_img_compare(top, original, fmt_b="raw")
+    with mounted(image_dir, mountpoint, wait_export="vm1") as m:
+        assert file_sha256(m.path("vm1")) == original_digest
+
+    assert "Commit complete" in ctl_ok("commit", top)
+    qemu_img("check", base)
+    qemu_img_compare(top, original, fmt_b="raw")

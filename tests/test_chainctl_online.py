@@ -2,6 +2,7 @@
 snapshot and stream through a running chainfs, the result checked through
 the export and, after unmounting, with qemu-img.
 """
+import errno
 import json
 import os
 import signal
@@ -11,7 +12,8 @@ import time
 import pytest
 
 from helpers import (CHAINCTL, MiB, chain_info, file_sha256, getxattr, job_info,
-                     qemu_img, qemu_img_check, qemu_img_compare, wait_for, wait_job)
+                     qemu_img, qemu_img_check, qemu_img_compare, setxattr,
+                     setxattr_errno, wait_for, wait_job)
 from test_chainctl_common import *  # noqa: F401,F403
 
 BIG = 16 * MiB  # data in snap2: 16 s of copying at 1 MiB/s
@@ -44,7 +46,43 @@ def test_info_online(chain):
     assert blocks[0]["backing file"] == names[-2]
     assert blocks[0]["backing file format"] == "qcow2"
     assert blocks[0]["virtual size"].endswith("(%d bytes)" % (32 * MiB))
+    assert all(b["cluster_size"] == "65536" for b in blocks)
     assert "backing file" not in blocks[-1]
+
+
+@pytest.mark.parametrize("base_fmt", ["qcow2", "raw"])
+def test_info_online_matches_offline(image_dir, mount, base_fmt):
+    """Online info shows what offline info shows, line by line and JSON
+    member by member, for the same chain (with mixed cluster sizes, and a
+    raw base, which has no cluster_size)."""
+    from helpers import create_qcow2, make_chain
+    names = make_chain(image_dir, depth=3, size=16 * MiB, base_fmt=base_fmt,
+                       cluster_size=16384, top_name="vm1.qcow2", seed=5)
+    top = _img(str(image_dir), "vm1.qcow2")
+    create_qcow2(_img(str(image_dir), "vm2.qcow2"), backing="vm1.qcow2",
+                 backing_fmt="qcow2", cluster_size=131072)
+    top = _img(str(image_dir), "vm2.qcow2")
+    offline_text = ctl_ok("info", top)
+    offline_json = json.loads(ctl_ok("info", "--json", top))
+    m = mount(wait_export="vm2")
+    export = m.path("vm2")
+    online_text = ctl_ok("info", export)
+    online_json = json.loads(ctl_ok("info", "--json", export))
+    m.stop()
+
+    assert online_text == offline_text  # no job yet: no job block
+    assert online_json.pop("job") == {}
+    assert online_json == offline_json
+    blocks = info_blocks(online_text)
+    assert [b["image"] for b in blocks] == ["vm2.qcow2"] + list(reversed(names))
+    assert blocks[0]["cluster_size"] == "131072"
+    assert blocks[1]["cluster_size"] == "16384"
+    assert ("cluster_size" in blocks[-1]) == (base_fmt == "qcow2")
+    assert blocks[-2]["backing file format"] == base_fmt
+    for l in online_json["layers"]:
+        assert {"file", "format", "virtual_size", "allocated", "backing",
+                "cluster_size", "backing_format"} <= set(l)
+    assert ctl_ok("info", top) == offline_text  # the mount changed nothing
 
 
 def test_info_online_json_has_job(chain):
@@ -215,15 +253,110 @@ def test_commit_active_wait_stops_at_ready(chain):
     assert _layers(export) == ["base.qcow2"]
 
 
-def test_commit_dry_run_online(chain):
-    export, d, names, _ = chain
-    out = ctl_ok("commit", export, "--top", "snap2.qcow2", "--base", "base.qcow2",
-                 "--dry-run")
-    lines = dict(l.split(": ", 1) for l in out.strip().splitlines())
-    assert lines["top"] == "snap2.qcow2" and lines["base"] == "base.qcow2"
-    layers = chain_info(export)["layers"]
-    assert int(lines["needs"].split()[0]) == layers[1]["allocated"] + layers[2]["allocated"]
+@pytest.mark.parametrize("args", [
+    [],                                          # active layer into the bottom
+    ["--top", "snap2.qcow2", "--base", "base.qcow2"],
+    ["--top", "snap2.qcow2", "--shallow"],
+    ["--top", "snap1.qcow2", "--base", "base.qcow2", "--force", "--keep-relative"],
+])
+def test_commit_dry_run_online_equals_offline(image_dir, mount, args):
+    """Online --dry-run prints the daemon's estimate: the figure offline
+    --dry-run prints for the same chain; and it changes nothing."""
+    names = build_chain(image_dir, big=BIG, big_layer="snap2.qcow2")
+    d = str(image_dir)
+    offline = dry_run_lines(ctl_ok("commit", _img(d, "vm1.qcow2"), "--dry-run", *args))
+    m = mount(wait_export="vm1")
+    export = m.path("vm1")
+    before = dir_hashes(d)
+    online = dry_run_lines(ctl_ok("commit", export, "--dry-run", *args))
+    assert dir_hashes(d) == before
     assert job_info(export) == {}
+    assert _layers(export) == list(reversed(names))
+    assert (online["top"], online["base"]) == (offline["top"], offline["base"])
+    assert online["needs"] == offline["needs"]
+    assert int(online["needs"].split()[0]) > 0
+    m.stop()
+    assert dir_hashes(d) == before
+
+
+def test_commit_dry_run_online_refused(chain):
+    export, d, names, _ = chain
+    before = dir_hashes(d)
+    err = ctl_fails("commit", export, "--top", "nosuch.qcow2", "--dry-run")
+    assert "nosuch.qcow2" in err
+    assert err.strip() == "chainctl: " + getxattr(export, "user.chainfs.last_error").strip()
+    err = ctl_fails("commit", export, "--top", "base.qcow2", "--dry-run")
+    assert "base.qcow2" in err
+    assert dir_hashes(d) == before
+    assert job_info(export) == {}
+
+
+def _control_command(m, line):
+    """Write one command on a fresh handle of the control file; return
+    (errno or 0, the JSON reply read back on that handle)."""
+    fd = os.open(m.path(".control"), os.O_RDWR)
+    try:
+        try:
+            os.write(fd, line.encode())
+            code = 0
+        except OSError as e:
+            code = e.errno
+        return code, json.loads(os.pread(fd, 65536, 0))
+    finally:
+        os.close(fd)
+
+
+def test_control_file_commit_dry_run(chain):
+    """The control file's commit verb with the word dry-run: the reply
+    carries the estimate, nothing starts, nothing is written; the same
+    word through the attribute only validates."""
+    export, d, names, m = chain
+    before = dir_hashes(d)
+    code, reply = _control_command(
+        m, "commit vm1 top=snap2.qcow2 dry-run base=base.qcow2")
+    assert code == 0, reply
+    assert reply["ok"] is True and reply["dry_run"] is True
+    assert reply["export"] == "vm1" and reply["command"] == "commit"
+    assert reply["job"] == {}
+    est = reply["estimate"]
+    assert set(est) == {"top", "base", "needed_bytes", "available_bytes"}
+    assert (est["top"], est["base"]) == ("snap2.qcow2", "base.qcow2")
+    # snap2 holds BIG bytes that base lacks: they need room, plus metadata
+    assert BIG <= est["needed_bytes"] <= BIG + 4 * MiB, est
+    assert est["available_bytes"] > 0
+    intermediate_need = est["needed_bytes"]
+    assert job_info(export) == {}
+    assert dir_hashes(d) == before
+
+    # defaults: the active layer into the bottom
+    code, reply = _control_command(m, "commit vm1 dry-run")
+    assert code == 0, reply
+    assert (reply["estimate"]["top"], reply["estimate"]["base"]) == (
+        "vm1.qcow2", "base.qcow2")
+    assert reply["estimate"]["needed_bytes"] >= intermediate_need
+
+    # refusals keep their errno and message
+    code, reply = _control_command(m, "commit vm1 top=nosuch.qcow2 dry-run")
+    assert code == errno.ENOENT and reply["ok"] is False
+    assert "nosuch.qcow2" in reply["error"]
+    code, reply = _control_command(m, "commit vm1 dry-runs")
+    assert code == errno.EINVAL and "dry-runs" in reply["error"]
+    code, reply = _control_command(m, "commit vm1 shallow base=base.qcow2 dry-run")
+    assert code == errno.EINVAL and reply["ok"] is False
+
+    # through the attribute: validated, nothing started
+    setxattr(export, "user.chainfs.commit", "top=snap2.qcow2 dry-run")
+    assert job_info(export) == {}
+    assert setxattr_errno(export, "user.chainfs.commit",
+                          "top=nosuch.qcow2 dry-run") == errno.ENOENT
+    assert dir_hashes(d) == before
+    assert _layers(export) == list(reversed(names))
+
+    # the real commit afterwards is not affected
+    code, reply = _control_command(m, "commit vm1 top=snap2.qcow2 base=base.qcow2")
+    assert code == 0 and "dry_run" not in reply and "estimate" not in reply
+    wait_job(export, timeout=60)
+    assert _layers(export) == ["vm1.qcow2", "base.qcow2"]
 
 
 @pytest.mark.parametrize("args", [

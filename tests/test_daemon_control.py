@@ -40,7 +40,10 @@ def test_read_attributes(vm, image_dir, mountpoint):
         top = info["layers"][0]
         assert top["format"] == "qcow2" and top["virtual_size"] == SIZE
         assert top["backing"] == "base.qcow2"
-        assert set(top) == {"file", "format", "virtual_size", "allocated", "backing"}
+        # design.md's fields, plus what `chainctl info` shows besides.
+        assert {"file", "format", "virtual_size", "allocated", "backing"} <= set(top)
+        assert top["cluster_size"] == 65536 and top["backing_format"] == "qcow2"
+        assert info["layers"][1]["backing"] is None
         assert job_info(exp) == {}
         assert last_error(exp) == ""
         # unknown names

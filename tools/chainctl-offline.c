@@ -12,10 +12,11 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/statvfs.h>
+#include <unistd.h>
 
 #include "chainctl.h"
-#include "chain.h"
+#include "chain-info.h"
+#include "chain-io.h"
 #include "json.h"
 #include "merge.h"
 
@@ -85,96 +86,24 @@ static char *ctl_layer_name(const char *arg)
 
 /* ---- info ---------------------------------------------------------- */
 
-/* The format of img's backing file: as recorded, else the next layer's. */
-static const char *ctl_backing_format(Chain *chain, guint i)
-{
-    ChainImage *img = chain_layer(chain, i);
-
-    if (img->backing_fmt) {
-        return img->backing_fmt;
-    }
-    if (i + 1 < chain_depth(chain)) {
-        return chain_layer(chain, i + 1)->drv->format_name;
-    }
-    return NULL;
-}
-
 int ctl_offline_info(const char *path, bool json)
 {
     g_auto(CtlOffline) o = { 0 };
-    Chain *chain;
+    g_autofree char *chain_json = NULL;
 
     if (!ctl_offline_open(&o, path, false, false)) {
         return CTL_EXIT_FAIL;
     }
-    chain = o.chain;
+    /* The very object the daemon serves as user.chainfs.chain. */
+    chain_json = chain_info_json(o.chain);
     if (json) {
-        /* design.md's chain object; cluster_size and backing_format are
-         * extra members. */
-        g_autoptr(GString) out = g_string_new("{");
-
-        json_append_member_string(out, "name", chain->name);
-        json_append_key(out, "layers");
-        g_string_append_c(out, '[');
-        for (guint i = 0; i < chain_depth(chain); i++) {
-            ChainImage *img = chain_layer(chain, i);
-            uint64_t alloc = img->drv->allocated_bytes ?
-                             img->drv->allocated_bytes(img) : 0;
-
-            if (i > 0) {
-                g_string_append_c(out, ',');
-            }
-            g_string_append_c(out, '{');
-            json_append_member_string(out, "file", img->name);
-            json_append_member_string(out, "format", img->drv->format_name);
-            json_append_member_uint(out, "virtual_size", img->virtual_size);
-            json_append_member_uint(out, "allocated", alloc);
-            json_append_member_string(out, "backing", img->backing_ref);
-            json_append_member_uint(out, "cluster_size", img->cluster_size);
-            json_append_member_string(out, "backing_format",
-                                      img->backing_ref ?
-                                      ctl_backing_format(chain, i) : NULL);
-            g_string_append_c(out, '}');
-        }
-        g_string_append(out, "]}");
-        printf("%s\n", out->str);
+        printf("%s\n", chain_json);
         return CTL_EXIT_OK;
     }
-    for (guint i = 0; i < chain_depth(chain); i++) {
-        ChainImage *img = chain_layer(chain, i);
-        uint64_t alloc = img->drv->allocated_bytes ?
-                         img->drv->allocated_bytes(img) : 0;
-        g_autofree char *vsize_h = ctl_human_size(img->virtual_size);
-        g_autofree char *alloc_h = ctl_human_size(alloc);
-        const char *bfmt = ctl_backing_format(chain, i);
-
-        if (i > 0) {
-            printf("\n");
-        }
-        printf("image: %s\n", img->name);
-        printf("file format: %s\n", img->drv->format_name);
-        printf("virtual size: %s (%" PRIu64 " bytes)\n", vsize_h,
-               img->virtual_size);
-        printf("allocated: %s (%" PRIu64 " bytes)\n", alloc_h, alloc);
-        if (strcmp(img->drv->format_name, "raw") != 0) {
-            printf("cluster_size: %" PRIu32 "\n", img->cluster_size);
-        }
-        if (img->backing_ref) {
-            printf("backing file: %s\n", img->backing_ref);
-            if (bfmt) {
-                printf("backing file format: %s\n", bfmt);
-            }
-        }
-    }
-    return CTL_EXIT_OK;
+    return ctl_print_chain(chain_json, path);
 }
 
 /* ---- commit -------------------------------------------------------- */
-
-static void ctl_offline_progress(void *opaque, uint64_t done, uint64_t total)
-{
-    ctl_progress_update(opaque, done, total);
-}
 
 /* Fill opts from the command line. */
 static void ctl_commit_options(const CtlCommitArgs *a, Chain *chain,
@@ -197,23 +126,99 @@ static void ctl_commit_options(const CtlCommitArgs *a, Chain *chain,
     opts->on_error = ON_ERROR_REPORT;
 }
 
-/* The names top and base stand for, for messages (NULL when unknown). */
-static void ctl_commit_names(Chain *chain, const CommitOptions *opts,
-                             const char **top, const char **base)
+/*
+ * --dry-run: src/merge's estimate, described by the same builder as the
+ * daemon's dry-run reply, and printed by the same function as online.
+ */
+static int ctl_offline_commit_dry_run(Chain *chain, const CommitOptions *opts,
+                                      const char *path)
 {
-    int t = opts->top ? chain_find_layer(chain, opts->top) : 0;
-    int b;
+    g_autoptr(GError) err = NULL;
+    g_autofree char *room = NULL;
+    uint64_t needed = 0;
 
-    *top = NULL;
-    *base = NULL;
-    if (t < 0) {
-        return;
+    if (!merge_commit_estimate(chain, opts, &needed, &err)) {
+        return ctl_fail("%s", err->message);
     }
-    *top = chain_layer(chain, (guint)t)->name;
-    b = opts->base ? chain_find_layer(chain, opts->base) :
-        opts->shallow ? t + 1 : (int)chain_depth(chain) - 1;
-    if (b > t && b < (int)chain_depth(chain)) {
-        *base = chain_layer(chain, (guint)b)->name;
+    room = chain_info_commit_room_json(chain, opts->top, opts->base,
+                                       opts->shallow, needed, &err);
+    if (!room) {
+        return ctl_fail("%s", err->message);
+    }
+    return ctl_print_commit_room(room, path);
+}
+
+/*
+ * Ctrl-C during the copy of an offline commit.
+ *
+ * merge_commit_offline() copies on worker threads of its own and offers
+ * no way to tell it to stop; its progress callback, though, runs in this
+ * thread about every 100 ms, and every copy request holds the chain's
+ * topology lock for reading across its I/O.  So on Ctrl-C the callback
+ * takes the lock for writing: that waits for the requests in flight and
+ * keeps new ones from starting, so no write into base is left half done.
+ * It then flushes every image (base's metadata in its crash-safe order;
+ * the qcow2 driver also gives its unused allocation batch back, so that
+ * qemu-img check finds no leak) and ends the process with status 1
+ * without returning into the copy.  The backing references are rewritten
+ * only after the copy has returned, so none is: the chain is as before,
+ * and base holds part of the data, hidden by the layers above it, which
+ * still hold the same.  The state file is not involved (an offline commit
+ * keeps no checkpoint).
+ *
+ * A Ctrl-C that comes after the copy (while the references are rewritten)
+ * is too late to act on: the commit completes.
+ *
+ * The plain way, a progress callback whose return value asks
+ * merge_commit_offline() to stop (it would fail with ECANCELED before
+ * rewriting anything, and chainctl would return as from any failure),
+ * needs a change in src/merge; until it exists, this is how to stop.
+ */
+typedef struct {
+    Chain *chain;
+    const char *top;      /* names, for the message */
+    const char *base;
+    CtlProgress *progress; /* NULL without --verbose */
+} CtlOfflineCommit;
+
+static void ctl_offline_commit_stop(CtlOfflineCommit *c, uint64_t done,
+                                    uint64_t total)
+{
+    int ret;
+
+    chain_topo_wrlock(c->chain);
+    ret = chain_flush(c->chain);
+    if (c->progress) {
+        ctl_progress_done(c->progress);
+    }
+    if (ret < 0) {
+        ctl_fail("interrupted: commit of %s into %s stopped at offset %" PRIu64
+                 " of %" PRIu64 " bytes, but flushing the images failed: "
+                 "%s; no backing file was changed", c->top, c->base, done,
+                 total, g_strerror(-ret));
+    } else {
+        ctl_fail("interrupted: commit of %s into %s stopped at offset %" PRIu64
+                 " of %" PRIu64 " bytes; no backing file was changed, %s "
+                 "holds part of the data", c->top, c->base, done, total,
+                 c->base);
+    }
+    /* Not exit(): the copy's workers wait on the lock this thread holds,
+     * and nothing must run that could touch the images now. */
+    _exit(CTL_EXIT_FAIL);
+}
+
+static void ctl_offline_commit_progress(void *opaque, uint64_t done,
+                                        uint64_t total)
+{
+    CtlOfflineCommit *c = opaque;
+
+    if (c->progress) {
+        ctl_progress_update(c->progress, done, total);
+    }
+    /* After the update: a Ctrl-C while it waited on a slow terminal
+     * counts too, even when this is the last call of the copy. */
+    if (ctl_interrupted) {
+        ctl_offline_commit_stop(c, done, total);
     }
 }
 
@@ -223,7 +228,8 @@ int ctl_offline_commit(const char *path, const CtlCommitArgs *a)
     g_autoptr(GError) err = NULL;
     CommitOptions opts;
     CtlProgress progress;
-    const char *top_name, *base_name;
+    CtlOfflineCommit c = { .top = "top", .base = "base" };
+    guint top_idx, base_idx;
     uint64_t need = 0;
     bool ok;
 
@@ -232,41 +238,28 @@ int ctl_offline_commit(const char *path, const CtlCommitArgs *a)
         return CTL_EXIT_FAIL;
     }
     ctl_commit_options(a, o.chain, &opts);
-    ctl_commit_names(o.chain, &opts, &top_name, &base_name);
-
     if (a->dry_run) {
-        ok = merge_commit_estimate(o.chain, &opts, &need, &err);
-        if (ok) {
-            g_autofree char *need_h = ctl_human_size(need);
+        int r = ctl_offline_commit_dry_run(o.chain, &opts, path);
 
-            printf("top: %s\nbase: %s\nneeds: %" PRIu64 " bytes (%s)\n",
-                   top_name ? top_name : "?", base_name ? base_name : "?",
-                   need, need_h);
-            if (base_name) {
-                /* Where base lives, as resolved (it may be a symlink). */
-                int b = chain_find_layer(o.chain, base_name);
-                struct statvfs vfs;
-
-                if (b >= 0 &&
-                    statvfs(chain_layer(o.chain, (guint)b)->dir, &vfs) == 0) {
-                    uint64_t avail = (uint64_t)vfs.f_bavail * vfs.f_frsize;
-                    g_autofree char *avail_h = ctl_human_size(avail);
-
-                    printf("available: %" PRIu64 " bytes (%s)\n", avail,
-                           avail_h);
-                }
-            }
-        }
         commit_options_clear(&opts);
-        return ok ? CTL_EXIT_OK : ctl_fail("%s", err->message);
+        return r;
     }
 
+    /* Ctrl-C from here on stops the copy (see above); the flag is set
+     * before the copy starts too, and acted on at its first tick. */
+    ctl_catch_sigint(true);
+    c.chain = o.chain;
+    if (chain_info_commit_layers(o.chain, opts.top, opts.base, opts.shallow,
+                                 &top_idx, &base_idx, NULL)) {
+        c.top = chain_layer(o.chain, top_idx)->name;
+        c.base = chain_layer(o.chain, base_idx)->name;
+    }
     if (a->verbose) {
         ctl_progress_init(&progress, "Block Commit");
+        c.progress = &progress;
     }
     ok = merge_commit_offline(o.merge, o.chain, &opts, false, &need,
-                              a->verbose ? ctl_offline_progress : NULL,
-                              a->verbose ? &progress : NULL, &err);
+                              ctl_offline_commit_progress, &c, &err);
     if (a->verbose) {
         if (ok) {
             ctl_progress_update(&progress, 1, 1);
@@ -305,7 +298,7 @@ int ctl_offline_stream(const char *path, const CtlStreamArgs *a)
     opts.base = ctl_layer_name(a->base);
     opts.bandwidth = a->has_bandwidth ? a->bandwidth : 0;
     opts.on_error = ON_ERROR_REPORT;
-    ctl_catch_sigint();
+    ctl_catch_sigint(false);
     if (!merge_start_stream(o.merge, o.chain, &opts, &err)) {
         stream_options_clear(&opts);
         return ctl_fail("%s", err->message);

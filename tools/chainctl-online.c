@@ -6,15 +6,21 @@
  * setxattr, whose failure leaves the daemon's message in
  * user.chainfs.last_error; status is read from user.chainfs.job and
  * user.chainfs.chain.  Waiting for a job polls user.chainfs.job every
- * CTL_POLL_MS; the daemon offers no notification to block on.
+ * CTL_POLL_MS; the daemon offers no notification to block on.  The one
+ * exception is commit --dry-run, whose answer (the daemon's estimate) only
+ * the control file MOUNTPOINT/.control can give back: an attribute write
+ * has no reply.
  */
 #include <errno.h>
+#include <fcntl.h>
 #include <inttypes.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
 #include <sys/xattr.h>
 #include <time.h>
+#include <unistd.h>
 
 #include "chainctl.h"
 #include "json.h"
@@ -351,17 +357,6 @@ static int ctl_start_job(const char *path, const char *attr,
 
 /* ---- info ---------------------------------------------------------- */
 
-/* Member text of a layer object; "null" and absence give NULL. */
-static char *ctl_member(const char *obj, const char *key)
-{
-    char *v = json_get_member(obj, key);
-
-    if (g_strcmp0(v, "null") == 0) {
-        g_clear_pointer(&v, g_free);
-    }
-    return v;
-}
-
 static void ctl_print_job_line(const CtlJob *j)
 {
     int percent = j->len ? (int)((double)j->offset * 100.0 / (double)j->len)
@@ -378,9 +373,8 @@ static void ctl_print_job_line(const CtlJob *j)
 int ctl_online_info(const char *path, bool json)
 {
     g_autofree char *chain = ctl_xattr_get(path, "chain");
-    g_autofree char *layers_text = NULL;
-    g_autoptr(GPtrArray) layers = NULL;
     g_auto(CtlJob) j = { 0 };
+    int r;
 
     if (!chain) {
         return ctl_fail("cannot read the chain of %s: %s", path,
@@ -403,122 +397,15 @@ int ctl_online_info(const char *path, bool json)
         printf("%s\n", out->str);
         return CTL_EXIT_OK;
     }
-    layers_text = json_get_member(chain, "layers");
-    layers = layers_text ? ctl_json_array_items(layers_text) : NULL;
-    if (!layers) {
-        return ctl_fail("malformed chain JSON from %s", path);
-    }
-    for (guint i = 0; i < layers->len; i++) {
-        const char *l = g_ptr_array_index(layers, i);
-        g_autofree char *file = ctl_member(l, "file");
-        g_autofree char *format = ctl_member(l, "format");
-        g_autofree char *backing = ctl_member(l, "backing");
-        g_autofree char *backing_fmt = ctl_member(l, "backing_format");
-        g_autofree char *vsize_h = NULL, *alloc_h = NULL;
-        uint64_t vsize = 0, alloc = 0, cluster = 0;
-
-        json_get_uint(l, "virtual_size", &vsize);
-        json_get_uint(l, "allocated", &alloc);
-        vsize_h = ctl_human_size(vsize);
-        alloc_h = ctl_human_size(alloc);
-        if (i > 0) {
-            printf("\n");
-        }
-        printf("image: %s\n", file ? file : "?");
-        printf("file format: %s\n", format ? format : "?");
-        printf("virtual size: %s (%" PRIu64 " bytes)\n", vsize_h, vsize);
-        printf("allocated: %s (%" PRIu64 " bytes)\n", alloc_h, alloc);
-        if (json_get_uint(l, "cluster_size", &cluster) &&
-            g_strcmp0(format, "raw") != 0) {
-            printf("cluster_size: %" PRIu64 "\n", cluster);
-        }
-        if (backing) {
-            printf("backing file: %s\n", backing);
-            /* The daemon names the backing format only by the next layer. */
-            if (!backing_fmt && i + 1 < layers->len) {
-                backing_fmt = ctl_member(g_ptr_array_index(layers, i + 1),
-                                         "format");
-            }
-            if (backing_fmt) {
-                printf("backing file format: %s\n", backing_fmt);
-            }
-        }
-    }
-    if (j.state) {
+    r = ctl_print_chain(chain, path);
+    if (r == CTL_EXIT_OK && j.state) {
         printf("\n");
         ctl_print_job_line(&j);
     }
-    return CTL_EXIT_OK;
+    return r;
 }
 
 /* ---- commit -------------------------------------------------------- */
-
-/*
- * --dry-run on an export: the daemon has no estimate command, so add up
- * what the layers from top down to base (base excluded) allocate: no
- * commit writes more than that into base.
- */
-static int ctl_online_commit_dry_run(const char *path, const CtlCommitArgs *a)
-{
-    g_autofree char *chain = ctl_xattr_get(path, "chain");
-    g_autofree char *layers_text = NULL;
-    g_autoptr(GPtrArray) layers = NULL;
-    g_autoptr(GPtrArray) files = g_ptr_array_new_with_free_func(g_free);
-    g_autofree char *need_h = NULL;
-    int top = -1, base = -1;
-    uint64_t need = 0;
-
-    if (!chain) {
-        return ctl_fail("cannot read the chain of %s: %s", path,
-                        g_strerror(errno));
-    }
-    layers_text = json_get_member(chain, "layers");
-    layers = layers_text ? ctl_json_array_items(layers_text) : NULL;
-    if (!layers || layers->len == 0) {
-        return ctl_fail("malformed chain JSON from %s", path);
-    }
-    for (guint i = 0; i < layers->len; i++) {
-        char *file = ctl_member(g_ptr_array_index(layers, i), "file");
-        g_ptr_array_add(files, file ? file : g_strdup(""));
-        if (a->top && g_strcmp0(file, a->top) == 0) {
-            top = (int)i;
-        }
-        if (a->base && g_strcmp0(file, a->base) == 0) {
-            base = (int)i;
-        }
-    }
-    if (!a->top) {
-        top = 0;
-    }
-    if (top < 0) {
-        return ctl_fail("no layer %s in the chain of %s", a->top, path);
-    }
-    if (a->shallow && a->base) {
-        return ctl_fail("shallow and base= exclude each other");
-    }
-    if (a->base && base < 0) {
-        return ctl_fail("no layer %s in the chain of %s", a->base, path);
-    }
-    if (!a->base) {
-        base = a->shallow ? top + 1 : (int)layers->len - 1;
-    }
-    if (base <= top || base >= (int)layers->len) {
-        return ctl_fail("base %s is not below top %s",
-                        base < (int)layers->len && base >= 0 ?
-                        (char *)g_ptr_array_index(files, base) : "(none)",
-                        (char *)g_ptr_array_index(files, top));
-    }
-    for (int i = top; i < base; i++) {
-        uint64_t alloc = 0;
-        json_get_uint(g_ptr_array_index(layers, i), "allocated", &alloc);
-        need += alloc;
-    }
-    need_h = ctl_human_size(need);
-    printf("top: %s\nbase: %s\nneeds: %" PRIu64 " bytes (%s, upper bound)\n",
-           (char *)g_ptr_array_index(files, top),
-           (char *)g_ptr_array_index(files, base), need, need_h);
-    return CTL_EXIT_OK;
-}
 
 static char *ctl_commit_words(const CtlCommitArgs *a)
 {
@@ -554,6 +441,90 @@ static char *ctl_commit_words(const CtlCommitArgs *a)
     return g_string_free(w, FALSE);
 }
 
+/*
+ * Read the whole reply of the control file open on fd (direct I/O: its
+ * size says nothing, read until EOF).  Newly allocated; NULL with errno
+ * set on failure.
+ */
+static char *ctl_control_read_reply(int fd)
+{
+    g_autoptr(GString) reply = g_string_new(NULL);
+    char buf[4096];
+
+    for (;;) {
+        ssize_t n = pread(fd, buf, sizeof(buf), (off_t)reply->len);
+
+        if (n < 0 && errno == EINTR) {
+            continue;
+        }
+        if (n < 0) {
+            return NULL;
+        }
+        if (n == 0) {
+            return g_string_free(g_steal_pointer(&reply), FALSE);
+        }
+        g_string_append_len(reply, buf, n);
+    }
+}
+
+/*
+ * --dry-run on an export: "commit NAME WORDS dry-run" on the mount's
+ * control file, whose reply carries the daemon's own estimate (what its
+ * up-front ENOSPC check compares with the room on base's filesystem).
+ * The daemon starts nothing and writes nothing.
+ */
+static int ctl_online_commit_dry_run(const char *path, const CtlCommitArgs *a)
+{
+    g_autofree char *real = realpath(path, NULL);
+    g_autofree char *mount_root = NULL;
+    g_autofree char *control = NULL;
+    g_autofree char *name = NULL;
+    g_autofree char *words = ctl_commit_words(a);
+    g_autofree char *line = NULL;
+    g_autofree char *reply = NULL;
+    g_autofree char *estimate = NULL;
+    int fd, err = 0;
+    ssize_t w;
+
+    if (!real) {
+        return ctl_fail("%s: %s", path, g_strerror(errno));
+    }
+    /* Exports sit at the mount root, beside the control file. */
+    mount_root = g_path_get_dirname(real);
+    name = g_path_get_basename(real);
+    control = g_build_filename(mount_root, ".control", NULL);
+    line = g_strdup_printf("commit %s%s%s dry-run", name, words[0] ? " " : "",
+                           words);
+    fd = open(control, O_RDWR | O_CLOEXEC);
+    if (fd < 0) {
+        return ctl_fail("cannot open the control file %s: %s", control,
+                        g_strerror(errno));
+    }
+    do {
+        w = write(fd, line, strlen(line));
+    } while (w < 0 && errno == EINTR);
+    if (w < 0) {
+        err = errno;
+    }
+    reply = ctl_control_read_reply(fd);
+    close(fd);
+    if (err) {
+        /* The reply to a refused command is {"ok": false, "error": ...}. */
+        g_autofree char *msg = reply ? json_get_member(reply, "error") : NULL;
+
+        if (msg && msg[0]) {
+            return ctl_fail("%s", msg);
+        }
+        return ctl_fail("commit dry run on %s refused: %s", name,
+                        g_strerror(err));
+    }
+    estimate = reply ? json_get_member(reply, "estimate") : NULL;
+    if (!estimate) {
+        return ctl_fail("the daemon serving %s gave no commit estimate", path);
+    }
+    return ctl_print_commit_room(estimate, control);
+}
+
 int ctl_online_commit(const char *path, const CtlCommitArgs *a)
 {
     g_autofree char *words = NULL;
@@ -571,7 +542,7 @@ int ctl_online_commit(const char *path, const CtlCommitArgs *a)
     words = ctl_commit_words(a);
     if (a->wait) {
         /* Catch Ctrl-C before the job exists: no window to lose it in. */
-        ctl_catch_sigint();
+        ctl_catch_sigint(false);
     }
     r = ctl_start_job(path, "commit", words, &id);
     if (r != CTL_EXIT_OK) {
@@ -654,7 +625,7 @@ int ctl_online_stream(const char *path, const CtlStreamArgs *a)
                                words->len ? " " : "", a->bandwidth);
     }
     if (a->wait) {
-        ctl_catch_sigint();
+        ctl_catch_sigint(false);
     }
     r = ctl_start_job(path, "stream", words->str, &id);
     if (r != CTL_EXIT_OK) {
@@ -746,7 +717,7 @@ int ctl_online_job(const char *path, const CtlJobArgs *a)
      * active commit also settles in ready, except after --pivot or
      * --abort, which end it.
      */
-    ctl_catch_sigint();
+    ctl_catch_sigint(false);
     id = g_strdup(j.id);
     w.path = path;
     w.id = id;

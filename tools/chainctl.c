@@ -15,6 +15,7 @@
  * on stderr, 2 wrong usage (the usage goes to stderr).
  */
 #include <errno.h>
+#include <inttypes.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -23,6 +24,7 @@
 #include <unistd.h>
 
 #include "chainctl.h"
+#include "json.h"
 
 /* ---- helpers shared by both modes ---------------------------------- */
 
@@ -48,15 +50,14 @@ static void ctl_on_sigint(int sig)
     ctl_interrupted = 1;
 }
 
-void ctl_catch_sigint(void)
+void ctl_catch_sigint(bool restart_syscalls)
 {
     struct sigaction sa;
 
     memset(&sa, 0, sizeof(sa));
     sa.sa_handler = ctl_on_sigint;
     sigemptyset(&sa.sa_mask);
-    /* No SA_RESTART: a nap in a wait loop must end at once on Ctrl-C. */
-    sa.sa_flags = 0;
+    sa.sa_flags = restart_syscalls ? SA_RESTART : 0;
     sigaction(SIGINT, &sa, NULL);
 }
 
@@ -211,6 +212,84 @@ GPtrArray *ctl_json_array_items(const char *text)
         }
         return NULL;
     }
+}
+
+/* Member text of a JSON object; "null" and absence give NULL. */
+static char *ctl_json_member(const char *obj, const char *key)
+{
+    char *v = json_get_member(obj, key);
+
+    if (g_strcmp0(v, "null") == 0) {
+        g_clear_pointer(&v, g_free);
+    }
+    return v;
+}
+
+int ctl_print_chain(const char *chain_json, const char *source)
+{
+    g_autofree char *layers_text = json_get_member(chain_json, "layers");
+    g_autoptr(GPtrArray) layers = layers_text ?
+                                  ctl_json_array_items(layers_text) : NULL;
+
+    if (!layers) {
+        return ctl_fail("malformed chain JSON from %s", source);
+    }
+    for (guint i = 0; i < layers->len; i++) {
+        const char *l = g_ptr_array_index(layers, i);
+        g_autofree char *file = ctl_json_member(l, "file");
+        g_autofree char *format = ctl_json_member(l, "format");
+        g_autofree char *backing = ctl_json_member(l, "backing");
+        g_autofree char *backing_fmt = ctl_json_member(l, "backing_format");
+        g_autofree char *vsize_h = NULL, *alloc_h = NULL;
+        uint64_t vsize = 0, alloc = 0, cluster = 0;
+
+        json_get_uint(l, "virtual_size", &vsize);
+        json_get_uint(l, "allocated", &alloc);
+        vsize_h = ctl_human_size(vsize);
+        alloc_h = ctl_human_size(alloc);
+        if (i > 0) {
+            printf("\n");
+        }
+        printf("image: %s\n", file ? file : "?");
+        printf("file format: %s\n", format ? format : "?");
+        printf("virtual size: %s (%" PRIu64 " bytes)\n", vsize_h, vsize);
+        printf("allocated: %s (%" PRIu64 " bytes)\n", alloc_h, alloc);
+        /* null for raw, which has no clusters */
+        if (json_get_uint(l, "cluster_size", &cluster)) {
+            printf("cluster_size: %" PRIu64 "\n", cluster);
+        }
+        if (backing) {
+            printf("backing file: %s\n", backing);
+            /* A daemon older than backing_format: the next layer's. */
+            if (!backing_fmt && i + 1 < layers->len) {
+                backing_fmt = ctl_json_member(g_ptr_array_index(layers, i + 1),
+                                              "format");
+            }
+            if (backing_fmt) {
+                printf("backing file format: %s\n", backing_fmt);
+            }
+        }
+    }
+    return CTL_EXIT_OK;
+}
+
+int ctl_print_commit_room(const char *room_json, const char *source)
+{
+    g_autofree char *top = ctl_json_member(room_json, "top");
+    g_autofree char *base = ctl_json_member(room_json, "base");
+    g_autofree char *needed_h = NULL, *available_h = NULL;
+    uint64_t needed, available;
+
+    if (!top || !base || !json_get_uint(room_json, "needed_bytes", &needed) ||
+        !json_get_uint(room_json, "available_bytes", &available)) {
+        return ctl_fail("malformed commit estimate from %s", source);
+    }
+    needed_h = ctl_human_size(needed);
+    available_h = ctl_human_size(available);
+    printf("top: %s\nbase: %s\n", top, base);
+    printf("needs: %" PRIu64 " bytes (%s)\n", needed, needed_h);
+    printf("available: %" PRIu64 " bytes (%s)\n", available, available_h);
+    return CTL_EXIT_OK;
 }
 
 /* ---- command line ---------------------------------------------------- */

@@ -83,10 +83,15 @@ typedef struct {
  * message become spaces); returns CTL_EXIT_FAIL. */
 int ctl_fail(const char *fmt, ...) G_GNUC_PRINTF(1, 2);
 
-/* Set by the SIGINT handler while a command waits for a job. */
+/* Set by the SIGINT handler while a command waits for a job or copies. */
 extern volatile sig_atomic_t ctl_interrupted;
-/* Catch SIGINT (without SA_RESTART, so that waits return early). */
-void ctl_catch_sigint(void);
+/*
+ * Catch SIGINT.  Waits for a job want it without SA_RESTART, so that a
+ * blocking call returns early; an offline commit wants it with
+ * SA_RESTART, so that the copy's own system calls (on any thread) never
+ * see EINTR.  Naps end early either way (nanosleep is never restarted).
+ */
+void ctl_catch_sigint(bool restart_syscalls);
 
 /* Sleep up to ms milliseconds; returns early on a signal. */
 void ctl_nap(unsigned ms);
@@ -114,6 +119,22 @@ void ctl_progress_done(CtlProgress *p);
  * NULL when text is not a well-formed array.
  */
 GPtrArray *ctl_json_array_items(const char *text);
+
+/*
+ * Print a chain object (chain_info_json(), the user.chainfs.chain
+ * attribute) as "qemu-img info --backing-chain" does: one block per layer,
+ * active first.  Online and offline info print through this one function,
+ * so they show the same lines.  CTL_EXIT_FAIL (message printed, naming
+ * source) when the JSON is malformed.
+ */
+int ctl_print_chain(const char *chain_json, const char *source);
+
+/*
+ * Print a commit estimate (chain_info_commit_room_json(), the "estimate"
+ * of the control file's dry-run reply): "top:", "base:", "needs:",
+ * "available:" lines.  CTL_EXIT_FAIL (message printed) when malformed.
+ */
+int ctl_print_commit_room(const char *room_json, const char *source);
 
 /* ---- chainctl-online.c: a mounted export --------------------------- */
 

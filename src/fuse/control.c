@@ -3,12 +3,19 @@
  * user.chainfs.* extended attributes of each export and the control file
  * at the mount root.  Both end in ctl_run_command(), which dispatches to
  * src/merge and turns a refusal into an errno plus last_error.
+ *
+ * Beyond design.md, the commit command takes the word dry-run: it starts
+ * nothing and changes nothing, and on the control file its reply carries
+ * the estimate of the room the commit needs in base (what its up-front
+ * ENOSPC check compares) and the room base's filesystem has, which is what
+ * `chainctl commit MOUNTPOINT/NAME --dry-run` prints.
  */
 #define G_LOG_DOMAIN "chainfs"
 
 #include <errno.h>
 #include <string.h>
 
+#include "chain-info.h"
 #include "chain-io.h"
 #include "export.h"
 #include "json.h"
@@ -27,16 +34,82 @@ bool ctl_is_command(const char *verb)
     return g_strv_contains(ctl_commands, verb);
 }
 
-/* On exit *error is set iff FALSE is returned. */
+/*
+ * words without every copy of word; whether there was one.  The dry run
+ * is a word of the control surface, not of the job: src/merge's parser
+ * (commit_options_parse) refuses words it does not know, so it never sees
+ * it.
+ */
+static bool ctl_take_word(const char *words, const char *word, char **rest)
+{
+    g_auto(GStrv) list = g_strsplit_set(words, " \t\r\n", -1);
+    g_autoptr(GPtrArray) kept = g_ptr_array_new();
+    bool found = false;
+
+    for (guint i = 0; list[i]; i++) {
+        if (strcmp(list[i], word) == 0) {
+            found = true;
+        } else if (list[i][0] != '\0') {
+            g_ptr_array_add(kept, list[i]);
+        }
+    }
+    g_ptr_array_add(kept, NULL);
+    *rest = g_strjoinv(" ", (char **)kept->pdata);
+    return found;
+}
+
+/*
+ * commit ... dry-run: the estimate that the commit's up-front ENOSPC check
+ * uses (merge_commit_estimate) and the room on base's filesystem, as the
+ * JSON of chain_info_commit_room_json() in *estimate.  Starts nothing and
+ * writes nothing.
+ */
+static bool ctl_commit_dry_run(Chain *chain, const CommitOptions *opts,
+                               char **estimate, GError **error)
+{
+    uint64_t needed = 0;
+    bool ok;
+
+    /* merge_commit_estimate takes the topology read lock itself, and that
+     * lock is not recursive (it prefers writers: a nested read lock would
+     * deadlock behind a waiting snapshot or pivot).  A layer change in
+     * between makes the names below fail to resolve, never lie. */
+    if (!merge_commit_estimate(chain, opts, &needed, error)) {
+        return false;
+    }
+    chain_topo_rdlock(chain);
+    *estimate = chain_info_commit_room_json(chain, opts->top, opts->base,
+                                            opts->shallow, needed, error);
+    ok = *estimate != NULL;
+    chain_topo_unlock(chain);
+    return ok;
+}
+
+/*
+ * On exit *error is set iff FALSE is returned.  *estimate (NULL when the
+ * caller has no use for it) gets the estimate of a commit dry run, and
+ * stays NULL for every other command.
+ */
 static bool ctl_dispatch(Daemon *d, Export *e, const char *verb,
-                         const char *value, GError **error)
+                         const char *value, char **estimate, GError **error)
 {
     Chain *chain = e->chain;
 
     if (strcmp(verb, "commit") == 0) {
+        g_autofree char *job_words = NULL;
+        g_autofree char *room = NULL;
+        bool dry_run = ctl_take_word(value, "dry-run", &job_words);
         CommitOptions opts = { 0 };
-        bool ok = commit_options_parse(value, &opts, error) &&
-                  merge_start_commit(d->merge, chain, &opts, error);
+        bool ok = commit_options_parse(job_words, &opts, error);
+
+        if (ok && dry_run) {
+            ok = ctl_commit_dry_run(chain, &opts, &room, error);
+            if (ok && estimate) {
+                *estimate = g_steal_pointer(&room);
+            }
+        } else if (ok) {
+            ok = merge_start_commit(d->merge, chain, &opts, error);
+        }
         commit_options_clear(&opts);
         return ok;
     }
@@ -83,13 +156,14 @@ static bool ctl_dispatch(Daemon *d, Export *e, const char *verb,
     return false;
 }
 
-bool ctl_run_command(Daemon *d, Export *e, const char *verb,
-                     const char *value, GError **error)
+/* ctl_run_command(), with what the command gives back (see ctl_dispatch). */
+static bool ctl_run(Daemon *d, Export *e, const char *verb, const char *value,
+                    char **estimate, GError **error)
 {
     g_autoptr(GError) err = NULL;
     g_autofree char *words = g_strstrip(g_strdup(value ? value : ""));
 
-    if (!ctl_dispatch(d, e, verb, words, &err)) {
+    if (!ctl_dispatch(d, e, verb, words, estimate, &err)) {
         export_set_last_error(e, verb, err);
         g_propagate_error(error, g_steal_pointer(&err));
         return false;
@@ -98,10 +172,18 @@ bool ctl_run_command(Daemon *d, Export *e, const char *verb,
     return true;
 }
 
+bool ctl_run_command(Daemon *d, Export *e, const char *verb,
+                     const char *value, GError **error)
+{
+    /* An attribute has no reply: a dry run there only says whether the
+     * commit's words and layers are right. */
+    return ctl_run(d, e, verb, value, NULL, error);
+}
+
 char *ctl_read_attribute(Daemon *d, Export *e, const char *attr)
 {
     if (strcmp(attr, "chain") == 0) {
-        return export_chain_json(e);
+        return chain_info_json(e->chain);
     }
     if (strcmp(attr, "job") == 0) {
         return merge_job_info_json(e->chain);
@@ -143,7 +225,7 @@ char *ctl_status_json(Daemon *d)
     for (guint i = 0; i < d->exports->len; i++) {
         Export *e = g_ptr_array_index(d->exports, i);
         g_autofree char *file = export_active_file(e);
-        g_autofree char *chain = export_chain_json(e);
+        g_autofree char *chain = chain_info_json(e->chain);
         g_autofree char *job = merge_job_info_json(e->chain);
         g_autofree char *last_error = export_last_error(e);
 
@@ -196,6 +278,7 @@ int ctl_handle_write(Daemon *d, CtlHandle *h, const char *buf, size_t len)
     g_auto(GStrv) parts = g_regex_split_simple("[ \t\r\n]+", line, 0, 0);
     g_autoptr(GError) err = NULL;
     g_autoptr(GMutexLocker) locker = g_mutex_locker_new(&h->lock);
+    g_autofree char *estimate = NULL;
     const char *command = NULL;
     const char *words = "";
     Export *e = NULL;
@@ -232,7 +315,7 @@ int ctl_handle_write(Daemon *d, CtlHandle *h, const char *buf, size_t len)
         p += strspn(p, " \t\r\n");
         words = p;
     }
-    if (!ctl_run_command(d, e, command, words, &err)) {
+    if (!ctl_run(d, e, command, words, &estimate, &err)) {
         ctl_reply_error(h->reply, err);
         return -chainfs_error_errno(err);
     }
@@ -244,6 +327,11 @@ int ctl_handle_write(Daemon *d, CtlHandle *h, const char *buf, size_t len)
         json_append_member_bool(h->reply, "ok", true);
         json_append_member_string(h->reply, "export", e->name);
         json_append_member_string(h->reply, "command", parts[0]);
+        if (estimate) {
+            json_append_member_bool(h->reply, "dry_run", true);
+            json_append_key(h->reply, "estimate");
+            g_string_append(h->reply, estimate);
+        }
         json_append_key(h->reply, "job");
         g_string_append(h->reply, job);
         g_string_append(h->reply, "}\n");

@@ -12,7 +12,6 @@
 #include "chain-io.h"
 #include "directory.h"
 #include "export.h"
-#include "json.h"
 
 static void export_free(Export *e)
 {
@@ -254,34 +253,4 @@ char *export_last_error(Export *e)
     msg = g_strdup(e->last_error ? e->last_error : "");
     g_mutex_unlock(&e->lock);
     return msg;
-}
-
-char *export_chain_json(Export *e)
-{
-    GString *out = g_string_new("{");
-    Chain *chain = e->chain;
-
-    json_append_member_string(out, "name", e->name);
-    json_append_key(out, "layers");
-    g_string_append_c(out, '[');
-    chain_topo_rdlock(chain);
-    for (guint i = 0; i < chain_depth(chain); i++) {
-        ChainImage *img = chain_layer(chain, i);
-        uint64_t allocated = img->drv->allocated_bytes ?
-                             img->drv->allocated_bytes(img) : 0;
-
-        if (i > 0) {
-            g_string_append_c(out, ',');
-        }
-        g_string_append_c(out, '{');
-        json_append_member_string(out, "file", img->name);
-        json_append_member_string(out, "format", img->drv->format_name);
-        json_append_member_uint(out, "virtual_size", img->virtual_size);
-        json_append_member_uint(out, "allocated", allocated);
-        json_append_member_string(out, "backing", img->backing_ref);
-        g_string_append_c(out, '}');
-    }
-    chain_topo_unlock(chain);
-    g_string_append(out, "]}");
-    return g_string_free(out, FALSE);
 }

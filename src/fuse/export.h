@@ -87,8 +87,8 @@ void export_set_last_error(Export *e, const char *verb, const GError *err);
 /* Newly allocated copy of last_error ("" when none). */
 char *export_last_error(Export *e);
 
-/* JSON of the chain (user.chainfs.chain): name and layers, active first. */
-char *export_chain_json(Export *e);
+/* The chain's JSON (user.chainfs.chain) is chain_info_json(e->chain):
+ * chain-info.h, shared with chainctl's offline info. */
 
 /* ---- control.c: the control surface -------------------------------- */
 
@@ -97,7 +97,9 @@ char *export_chain_json(Export *e);
  * "user.chainfs." prefix ("commit", "stream", "snapshot", "job.pivot",
  * "job.cancel", "job.pause", "job.resume", "job.speed"), value its words.
  * A refused command sets *error (CHAINFS_ERROR, code = errno), records the
- * message in the export's last_error and logs one line.
+ * message in the export's last_error and logs one line.  A commit with the
+ * word dry-run starts nothing: it only checks its words and layers (the
+ * control file's reply also carries the estimate, see control.c).
  */
 bool ctl_run_command(Daemon *d, Export *e, const char *verb,
                      const char *value, GError **error);

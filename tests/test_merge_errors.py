@@ -39,6 +39,20 @@ def fill(path):
     return filler
 
 
+def fill_while_paused(exp, fs):
+    """Once the copy has started, pause the job, fill the filesystem and
+    resume: the job's next write meets the full disk, however slow the
+    machine (filling while it runs could let a loaded machine finish the
+    copy first)."""
+    wait_for(lambda: job_info(exp)["offset"] > 0, what="the copy to start")
+    start(exp, "job.pause")
+    info = wait_state(exp, ("paused", "completed"), timeout=30)
+    assert info["state"] == "paused" and info["offset"] < info["len"], info
+    filler = fill(fs)
+    start(exp, "job.resume")
+    return filler
+
+
 def build(d):
     create_qcow2(d / "base.qcow2", 32 * MiB)
     create_qcow2(d / "snap1.qcow2", backing="base.qcow2")
@@ -58,9 +72,9 @@ def test_on_error_stop_pauses_then_resumes(tmp_path):
             m.allowed_log.append("No space left")
             exp = m.path("vm1")
             start(exp, "commit", "top=snap1.qcow2 bandwidth=4M on-error=stop")
-            wait_for(lambda: job_info(exp)["offset"] > 0, what="the copy to start")
-            filler = fill(fs)
-            info = wait_state(exp, ("paused", "failed", "completed"), timeout=60)
+            filler = fill_while_paused(exp, fs)
+            info = wait_for(lambda: job_info(exp)["error"] and job_info(exp),
+                            what="the job to hit the full disk")
             assert info["state"] == "paused", info
             assert "No space left" in info["error"], info
             os.unlink(filler)
@@ -86,8 +100,7 @@ def test_on_error_report_fails_and_keeps_chain(tmp_path):
             m.allowed_log.append("No space left")
             exp = m.path("vm1")
             start(exp, "commit", "top=snap1.qcow2 bandwidth=4M")
-            wait_for(lambda: job_info(exp)["offset"] > 0, what="the copy to start")
-            filler = fill(fs)
+            filler = fill_while_paused(exp, fs)
             info = wait_state(exp, ("failed", "completed"), timeout=60)
             assert info["state"] == "failed", info
             assert "No space left" in info["error"], info

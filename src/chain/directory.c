@@ -347,6 +347,47 @@ static char *state_export_for(GKeyFile *state, GHashTable *images,
     return NULL;
 }
 
+/*
+ * The export whose interrupted job drops file, or NULL.  A commit or a
+ * stream rewrites backing references first and records the layers it
+ * drops afterwards (merge_resume_interrupted finishes that at the next
+ * mount); a crash in between leaves those layers as images nothing uses,
+ * which must not be served as chains of their own, writable, meanwhile.
+ * The checkpoint [job EXPORT] names them in its layers.  The file the
+ * export itself serves is never one of them (an active commit lists its
+ * top until the pivot is recorded).
+ */
+static char *state_job_dropping(GKeyFile *state, const char *file)
+{
+    g_auto(GStrv) groups = g_key_file_get_groups(state, NULL);
+
+    for (guint i = 0; groups[i]; i++) {
+        const char *export_name;
+        g_auto(GStrv) layers = NULL;
+        g_autofree char *recorded = NULL;
+        g_autofree char *own_name = NULL;
+
+        if (!g_str_has_prefix(groups[i], "job ")) {
+            continue;
+        }
+        export_name = groups[i] + 4;
+        layers = g_key_file_get_string_list(state, groups[i], "layers", NULL,
+                                            NULL);
+        if (!layers || !g_strv_contains((const char *const *)layers, file)) {
+            continue;
+        }
+        recorded = g_key_file_get_string(state, "exports", export_name,
+                                         NULL);
+        own_name = chain_export_name_for(file);
+        if (g_strcmp0(recorded, file) == 0 ||
+            (!recorded && strcmp(own_name, export_name) == 0)) {
+            continue;
+        }
+        return g_strdup(export_name);
+    }
+    return NULL;
+}
+
 GPtrArray *dir_discover(const char *dir, GPtrArray *warnings, GError **error)
 {
     g_autofree char *canon_dir = NULL;
@@ -394,6 +435,15 @@ GPtrArray *dir_discover(const char *dir, GPtrArray *warnings, GError **error)
         }
         if (dir_state_is_dropped(state, di->name) ||
             g_hash_table_contains(used, di->name)) {
+            continue;
+        }
+        g_autofree char *dropping = state_job_dropping(state, di->name);
+        if (dropping) {
+            if (warnings) {
+                g_ptr_array_add(warnings, g_strdup_printf(
+                    "%s: left out: the interrupted job of %s drops it",
+                    di->name, dropping));
+            }
             continue;
         }
         g_ptr_array_add(tops, di->name);

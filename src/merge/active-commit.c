@@ -162,6 +162,7 @@ static int active_write_hook(void *opaque, uint64_t offset, uint64_t bytes,
                       : s->base->drv->pwrite_zeroes(s->base, offset, n, true);
 
         if (ret == 0 && n == bytes) {
+            merge_crash_point("active-mirror");
             return 0;
         }
     }
@@ -264,6 +265,9 @@ static int active_copy_next(ActiveJob *s, uint64_t *cursor, void *buf,
     }
     chain_range_unlock(chain, lk);
     chain_topo_unlock(chain);
+    if (ret == 0) {
+        merge_crash_point("active-copy");
+    }
     *cursor = first + count;
     return ret;
 }
@@ -280,6 +284,7 @@ static void active_start_mirror(ActiveJob *s)
     s->mirror = true;
     g_mutex_unlock(&s->dirty_lock);
     chain_topo_unlock(s->chain);
+    merge_crash_point("active-mirror-start");
 }
 
 static uint64_t active_ndirty(ActiveJob *s)
@@ -424,6 +429,7 @@ static int active_run(Job *job)
     job_transition_to_ready(job);
     g_message("%s: active commit of %s into %s is ready", chain->name,
               s->top->name, s->base->name);
+    merge_crash_point("active-ready");
 
     /* Step 4 waits for pivot; meanwhile copy what a failed mirror left. */
     for (;;) {
@@ -493,6 +499,7 @@ static int active_prepare(Job *job)
                       "commit", chain->name);
         return -ESTALE;
     }
+    merge_crash_point("active-pivot-flushed");
     /* The one atomic step: from here on the export is served from base. */
     if (!checkpoint_record_dropped(dir, chain->name, s->layers,
                                    s->base->name, &err)) {
@@ -501,6 +508,7 @@ static int active_prepare(Job *job)
                       chain->name, err->message);
         return -chainfs_error_errno(err);
     }
+    merge_crash_point("active-pivot-recorded");
     chain->write_hook = NULL;
     chain->write_hook_opaque = NULL;
     s->hooked = false;
@@ -514,6 +522,7 @@ static int active_prepare(Job *job)
     chain_drop_layers(chain, 0, (guint)base_idx - 1);
     s->pivoted = true;
     chain_topo_unlock(chain);
+    merge_crash_point("active-dropped");
     g_message("%s: pivoted to %s", chain->name, s->base->name);
     if (s->opts.delete_dropped) {
         merge_unlink_dropped(dir, s->layers);

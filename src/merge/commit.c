@@ -511,6 +511,7 @@ bool commit_finish(Chain *chain, ChainImage *top, ChainImage *base,
                           g_strerror(-ret));
         return false;
     }
+    merge_crash_point("commit-base-flushed");
 
     chain_topo_wrlock(chain);
     top_idx = merge_layer_index(chain, top);
@@ -531,6 +532,7 @@ bool commit_finish(Chain *chain, ChainImage *top, ChainImage *base,
                            base->name, above->name);
             goto fail;
         }
+        merge_crash_point("commit-above-rewritten");
         first = top_idx;
     } else {
         first = top_idx + 1;
@@ -549,6 +551,8 @@ bool commit_finish(Chain *chain, ChainImage *top, ChainImage *base,
             /* top leaves the chain anyway; it just stays as it was. */
             g_message("%s: %s keeps its old backing file: %s", chain->name,
                       top->name, err->message);
+        } else {
+            merge_crash_point("commit-top-rewritten");
         }
     }
     names = commit_layer_names(chain, (guint)first, (guint)base_idx - 1);
@@ -559,6 +563,7 @@ bool commit_finish(Chain *chain, ChainImage *top, ChainImage *base,
         chain_drop_layers(chain, (guint)first, (guint)base_idx - 1);
     }
     chain_topo_unlock(chain);
+    merge_crash_point("commit-dropped");
     /* The commit is done: the chain on disk and in memory is right, and the
      * dropped layers are closed.  Only the record is late; the checkpoint
      * still in the state file lets the next mount write it (see
@@ -569,6 +574,8 @@ bool commit_finish(Chain *chain, ChainImage *top, ChainImage *base,
         if (!checkpoint_record_dropped(dir, chain->name, names, NULL, &err)) {
             g_message("%s: cannot record the dropped layers: %s",
                       chain->name, err->message);
+        } else {
+            merge_crash_point("commit-recorded");
         }
     }
     *dropped = g_steal_pointer(&names);
@@ -602,29 +609,41 @@ static CommitJob *commit_job(Job *job)
     return job->opaque;
 }
 
-/* Flush base and record offset: a checkpoint never claims more than what
- * is durable.  0 or negative errno. */
-static int commit_checkpoint(Job *job, uint64_t offset, bool cancelled)
+/* Record offset (durable in base) in the state file.  Logs a failure. */
+static bool commit_save(CommitJob *s, uint64_t offset, bool cancelled,
+                        GError **error)
 {
-    CommitJob *s = commit_job(job);
-    const char *dir = image_set_dir(s->chain->set);
-    g_autoptr(GError) err = NULL;
     Checkpoint cp = {
         .type = (char *)"commit", .top = s->top->name, .base = s->base->name,
         .options = s->words, .layers = s->layers, .offset = offset,
         .cancelled = cancelled,
     };
+
+    if (!checkpoint_save(image_set_dir(s->chain->set), s->chain->name, &cp,
+                         error)) {
+        g_message("%s: cannot save the checkpoint: %s", s->chain->name,
+                  (*error)->message);
+        return false;
+    }
+    return true;
+}
+
+/* Flush base and record offset: a checkpoint never claims more than what
+ * is durable.  0 or negative errno. */
+static int commit_checkpoint(Job *job, uint64_t offset, bool cancelled)
+{
+    CommitJob *s = commit_job(job);
+    g_autoptr(GError) err = NULL;
     int ret = s->base->drv->flush(s->base);
 
     if (ret < 0) {
         return ret;
     }
     s->durable = offset;
-    if (!checkpoint_save(dir, s->chain->name, &cp, &err)) {
-        g_message("%s: cannot save the checkpoint: %s", s->chain->name,
-                  err->message);
+    if (!commit_save(s, offset, cancelled, &err)) {
         return -chainfs_error_errno(err);
     }
+    merge_crash_point("commit-checkpoint");
     return 0;
 }
 
@@ -870,6 +889,15 @@ Job *commit_job_create(MergeContext *ctx, Chain *chain,
     }
     s->offset = s->start;
     s->durable = s->start;
+    /* Before the command is acknowledged: a crash from now on resumes the
+     * commit at the next mount (start is durable in base already).  The
+     * job's first checkpoint fails it if the state file cannot be
+     * written. */
+    {
+        g_autoptr(GError) err = NULL;
+
+        commit_save(s, s->start, false, &err);
+    }
 
     id = merge_context_next_id(ctx, "commit");
     return job_new(&commit_job_driver, id, plan.top->name, plan.base->name,

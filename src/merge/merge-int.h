@@ -126,6 +126,51 @@ bool commit_finish(Chain *chain, ChainImage *top, ChainImage *base,
                    bool keep_relative, GPtrArray *reopened, char ***dropped,
                    GError **error);
 
+/*
+ * Crash points, a TEST HOOK (merge.c): with CHAINFS_CRASH_AT=NAME or
+ * NAME:N in the environment, the process raise(SIGKILL)s itself the N-th
+ * time (default the first) any thread reaches merge_crash_point(NAME), so
+ * that a test can crash a job at an exact step of its crash-safe order and
+ * check what the next mount makes of it (tests/test_merge_crash_guest.py).
+ * NAME must be one of MERGE_CRASH_POINTS; the variable is read once, by
+ * the first merge_context_new().  Unset, a crash point costs one load and
+ * a branch.  The points:
+ *
+ *   job-started             a job's thread runs; the command is not
+ *                           acknowledged yet
+ *   commit-checkpoint       a checkpoint: base flushed, offset saved
+ *   commit-base-flushed     commit_finish: base flushed, nothing rewritten
+ *   commit-above-rewritten  the image above top backs onto base
+ *   commit-top-rewritten    top backs onto base too (layers between)
+ *   commit-dropped          the layers left the chain, not yet recorded
+ *   commit-recorded         the state file records them dropped
+ *   active-copy             a dirty run copied into base
+ *   active-mirror-start     guest writes now mirrored synchronously
+ *   active-mirror           a guest write mirrored, not yet acknowledged
+ *   active-ready            the job entered READY
+ *   active-pivot-flushed    pivot: base flushed, right before the record
+ *   active-pivot-recorded   pivot: right after the record, the old layers
+ *                           still in the chain
+ *   active-dropped          pivot: the old layers left the chain
+ *   stream-copy             a run copied into the active layer
+ *   stream-flushed          the active layer flushed, backing untouched
+ *   stream-rewritten        the new backing reference, not yet recorded
+ *   stream-recorded         the streamed layers recorded as dropped
+ *   snapshot-created        the overlay file exists, the chain unchanged
+ *   snapshot-flushed        the old active layer flushed and read-only
+ *   snapshot-recorded       the state file serves the overlay; the chain
+ *                           in memory not yet switched
+ */
+#define MERGE_CRASH_POINTS \
+    "job-started", "commit-checkpoint", "commit-base-flushed", \
+    "commit-above-rewritten", "commit-top-rewritten", "commit-dropped", \
+    "commit-recorded", "active-copy", "active-mirror-start", \
+    "active-mirror", "active-ready", "active-pivot-flushed", \
+    "active-pivot-recorded", "active-dropped", "stream-copy", \
+    "stream-flushed", "stream-rewritten", "stream-recorded", \
+    "snapshot-created", "snapshot-flushed", "snapshot-recorded"
+void merge_crash_point(const char *name);
+
 /* Size of one copy request. */
 #define MERGE_CHUNK (1024 * 1024)
 /* A checkpoint at least every this many bytes or microseconds. */

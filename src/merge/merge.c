@@ -10,14 +10,74 @@
 #define G_LOG_DOMAIN "chainfs"
 
 #include <errno.h>
+#include <signal.h>
 #include <string.h>
 #include <unistd.h>
 
 #include "merge-int.h"
 
+/* ---- crash points (a test hook, see merge-int.h) ------------------------ */
+
+/* Set once by merge_crash_init(), before any job thread exists; read-only
+ * afterwards.  NULL: no crash point armed (the normal case). */
+static char *crash_at;
+static gint crash_countdown;
+
+static void merge_crash_init(void)
+{
+    static gsize once;
+    static const char *const known[] = { MERGE_CRASH_POINTS, NULL };
+
+    if (!g_once_init_enter(&once)) {
+        return;
+    }
+    const char *env = g_getenv("CHAINFS_CRASH_AT");
+
+    if (env && env[0]) {
+        g_autofree char *name = g_strdup(env);
+        char *colon = strchr(name, ':');
+        guint64 n = 1;
+
+        if (colon) {
+            *colon = '\0';
+            if (!g_ascii_string_to_unsigned(colon + 1, 10, 1, G_MAXINT, &n,
+                                            NULL)) {
+                g_warning("CHAINFS_CRASH_AT=%s: N in NAME:N must be a "
+                          "positive integer; no crash point armed", env);
+                name[0] = '\0';
+            }
+        }
+        if (name[0] && !g_strv_contains(known, name)) {
+            g_warning("CHAINFS_CRASH_AT=%s: no crash point %s; no crash "
+                      "point armed", env, name);
+        } else if (name[0]) {
+            g_message("test hook: SIGKILL at crash point %s, time %"
+                      G_GUINT64_FORMAT, name, n);
+            crash_countdown = (gint)n;
+            crash_at = g_steal_pointer(&name);
+        }
+    }
+    g_once_init_leave(&once, 1);
+}
+
+void merge_crash_point(const char *name)
+{
+    if (G_LIKELY(crash_at == NULL) || strcmp(name, crash_at) != 0) {
+        return;
+    }
+    if (g_atomic_int_dec_and_test(&crash_countdown)) {
+        g_message("crash point %s reached: SIGKILL", name);
+        raise(SIGKILL);
+    }
+}
+
+/* ---- the context -------------------------------------------------------- */
+
 MergeContext *merge_context_new(ImageSet *set)
 {
     MergeContext *ctx = g_new0(MergeContext, 1);
+
+    merge_crash_init();
 
     ctx->set = set;
     g_mutex_init(&ctx->lock);
@@ -131,6 +191,7 @@ static bool merge_start_job(MergeContext *ctx, Chain *chain,
         job_free(slot->job);
     }
     slot->job = job;
+    merge_crash_point("job-started");
     return true;
 }
 

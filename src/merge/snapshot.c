@@ -4,6 +4,11 @@
  * becomes the active layer, while guests go on writing.
  *
  * Order, and why:
+ *   0. make sure the state file maps the export name to a file of the
+ *      chain (the active layer's, unless some record is there already):
+ *      a crash after step 1 leaves the overlay as the top of the chain on
+ *      disk, and discovery gives it the recorded name of the chain below
+ *      it; without a record it would be served under its own file name;
  *   1. create and open the overlay outside any lock (creation fsyncs the
  *      file and its directory: guest I/O must not wait for that);
  *   2. take the topology write lock, which drains every in-flight request,
@@ -23,26 +28,94 @@
 
 #include <errno.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include "directory.h"
 #include "json.h"
-#include "merge.h"
+#include "merge-int.h"
 #include "qcow2.h"
 
 /* Cluster size of a new overlay: QEMU's default. */
 #define SNAPSHOT_CLUSTER_SIZE 65536
 
+typedef enum {
+    SNAPSHOT_RECORD,      /* export_name -> file */
+    SNAPSHOT_RECORD_NEW,  /* the same, unless export_name has a record */
+    SNAPSHOT_FORGET,      /* drop export_name's record if it names file */
+} SnapshotStateOp;
+
 typedef struct {
     const char *export_name;
     const char *file;
+    SnapshotStateOp op;
 } SnapshotStateUpdate;
 
 static void snapshot_state_apply(GKeyFile *state, void *opaque)
 {
     SnapshotStateUpdate *u = opaque;
+    g_autofree char *cur = g_key_file_get_string(state, "exports",
+                                                 u->export_name, NULL);
 
-    g_key_file_set_string(state, "exports", u->export_name, u->file);
+    switch (u->op) {
+    case SNAPSHOT_RECORD_NEW:
+        if (cur) {
+            return;
+        }
+        /* fall through */
+    case SNAPSHOT_RECORD:
+        g_key_file_set_string(state, "exports", u->export_name, u->file);
+        break;
+    case SNAPSHOT_FORGET:
+        if (g_strcmp0(cur, u->file) == 0) {
+            g_key_file_remove_key(state, "exports", u->export_name, NULL);
+        }
+        break;
+    }
+}
+
+/*
+ * Step 0: record export_name -> active_file unless the state file names
+ * a file for export_name already (an earlier snapshot or pivot wrote the
+ * active file then, and no job changes the active file without writing
+ * it).  Costs a state-file write only at the first snapshot of a chain;
+ * *added says whether it wrote one.
+ */
+static bool snapshot_record_name(const char *dir, const char *export_name,
+                                 const char *active_file, bool *added,
+                                 GError **error)
+{
+    g_autoptr(GKeyFile) state = dir_state_load(dir, error);
+    SnapshotStateUpdate update = {
+        .export_name = export_name, .file = active_file,
+        .op = SNAPSHOT_RECORD_NEW,
+    };
+
+    *added = false;
+    if (!state) {
+        return false;
+    }
+    if (g_key_file_has_key(state, "exports", export_name, NULL)) {
+        return true;
+    }
+    *added = dir_state_update(dir, snapshot_state_apply, &update, error);
+    return *added;
+}
+
+/* Undo step 0 after a failure (the record was true, but a refused
+ * command changes nothing). */
+static void snapshot_forget_name(const char *dir, const char *export_name,
+                                 const char *active_file)
+{
+    g_autoptr(GError) err = NULL;
+    SnapshotStateUpdate update = {
+        .export_name = export_name, .file = active_file,
+        .op = SNAPSHOT_FORGET,
+    };
+
+    if (!dir_state_update(dir, snapshot_state_apply, &update, &err)) {
+        g_message("%s: %s", export_name, err->message);
+    }
 }
 
 /* A job that still runs on the chain keeps the layer list for itself. */
@@ -78,6 +151,8 @@ bool merge_snapshot(MergeContext *ctx, Chain *chain, const char *file,
     g_autofree char *backing_fmt = NULL;
     ChainImage *old_top, *img = NULL;
     SnapshotStateUpdate update;
+    struct stat st;
+    bool recorded;
     uint64_t size;
     int ret;
 
@@ -105,16 +180,27 @@ bool merge_snapshot(MergeContext *ctx, Chain *chain, const char *file,
     chain_topo_unlock(chain);
 
     path = g_build_filename(dir, file, NULL);
+    if (lstat(path, &st) == 0) {
+        chainfs_set_error(error, EEXIST, "cannot create snapshot %s: it "
+                          "exists already", file);
+        return false;
+    }
+    if (!snapshot_record_name(dir, chain->name, backing_ref, &recorded,
+                              error)) {
+        g_prefix_error(error, "cannot snapshot %s: ", chain->name);
+        return false;
+    }
     if (!qcow2_create(path, size, SNAPSHOT_CLUSTER_SIZE, 3, backing_ref,
                       backing_fmt, error)) {
         g_prefix_error(error, "cannot create snapshot %s: ", file);
-        return false;
+        goto fail_forget;
     }
     img = image_set_open(chain->set, file, true, error);
     if (!img) {
         g_prefix_error(error, "cannot open snapshot %s: ", file);
         goto fail_unlink;
     }
+    merge_crash_point("snapshot-created");
 
     chain_topo_wrlock(chain);
     if (chain_layer(chain, 0) != old_top) {
@@ -133,8 +219,10 @@ bool merge_snapshot(MergeContext *ctx, Chain *chain, const char *file,
         g_prefix_error(error, "cannot reopen %s read-only: ", old_top->name);
         goto fail_unlock;
     }
+    merge_crash_point("snapshot-flushed");
     update.export_name = chain->name;
     update.file = file;
+    update.op = SNAPSHOT_RECORD;
     if (!dir_state_update(dir, snapshot_state_apply, &update, error)) {
         g_autoptr(GError) undo_err = NULL;
 
@@ -147,6 +235,7 @@ bool merge_snapshot(MergeContext *ctx, Chain *chain, const char *file,
         }
         goto fail_unlock;
     }
+    merge_crash_point("snapshot-recorded");
     img->backing = old_top;
     chain_push_top(chain, img);
     chain_topo_unlock(chain);
@@ -161,6 +250,10 @@ fail_unlink:
     if (unlink(path) < 0 && errno != ENOENT) {
         g_warning("cannot remove the failed snapshot %s: %s", path,
                   g_strerror(errno));
+    }
+fail_forget:
+    if (recorded) {
+        snapshot_forget_name(dir, chain->name, backing_ref);
     }
     return false;
 }

@@ -105,6 +105,7 @@ static int stream_step(StreamJob *s, uint64_t off, void *buf,
         }
         if (ret == 0) {
             *written = pnum;
+            merge_crash_point("stream-copy");
         }
     } else if (st == BLOCK_ZERO) {
         /* Zeros above base must hide what base holds. */
@@ -139,7 +140,6 @@ static int stream_run(Job *job)
     g_autofree void *buf = g_malloc(MERGE_CHUNK);
     uint64_t off = 0;
 
-    stream_checkpoint(s);
     chain_topo_wrlock(s->chain);
     s->chain->serialize_count++;
     s->serializing = true;
@@ -208,6 +208,7 @@ static int stream_prepare(Job *job)
                       g_strerror(-ret));
         return ret;
     }
+    merge_crash_point("stream-flushed");
     chain_topo_wrlock(chain);
     base_idx = stream_base_index(s);
     if (chain_layer(chain, 0) != s->top || base_idx < 1) {
@@ -226,6 +227,7 @@ static int stream_prepare(Job *job)
                       s->top->name, err->message);
         return -chainfs_error_errno(err);
     }
+    merge_crash_point("stream-rewritten");
     if (base_idx > 1) {
         chain_drop_layers(chain, 1, (guint)base_idx - 1);
     }
@@ -234,6 +236,8 @@ static int stream_prepare(Job *job)
     if (!checkpoint_record_dropped(dir, chain->name, s->layers, NULL, &err)) {
         g_message("%s: cannot record the dropped layers: %s", chain->name,
                   err->message);
+    } else {
+        merge_crash_point("stream-recorded");
     }
     chain_topo_unlock(chain);
     s->finished = true;
@@ -338,6 +342,9 @@ Job *stream_job_create(MergeContext *ctx, Chain *chain,
         stream_free(&(Job){ .opaque = s });
         return NULL;
     }
+    /* Before the command is acknowledged: a crash from now on resumes the
+     * stream at the next mount. */
+    stream_checkpoint(s);
     id = merge_context_next_id(ctx, "stream");
     return job_new(&stream_job_driver, id, s->top->name, s->base_name,
                    opts->bandwidth, s);

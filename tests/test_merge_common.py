@@ -17,7 +17,22 @@ from helpers import (BUILD_DIR, KiB, MiB, chain_info, file_sha256,  # noqa: F401
 MERGE_TOOL = os.path.join(BUILD_DIR, "tests", "merge-tool")
 
 
-class Guest(threading.Thread):
+class GuestThread(threading.Thread):
+    """A guest thread run as a context manager: started on entry, told to
+    stop (stop_event) and joined on exit, also on failure, since an open
+    file would keep the mount busy."""
+
+    def __enter__(self):
+        self.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop_event.set()
+        self.join(timeout=60)
+        return False
+
+
+class Guest(GuestThread):
     """Seeded writer + reader on an exported file, checked against a model."""
 
     def __init__(self, path, seed, size, max_len=128 * KiB, zero_every=10):
@@ -56,16 +71,6 @@ class Guest(threading.Thread):
             self.error = repr(e)
         finally:
             os.close(fd)
-
-    def __enter__(self):
-        self.start()
-        return self
-
-    def __exit__(self, *exc):
-        # Also on failure: an open file would keep the mount busy.
-        self.stop_event.set()
-        self.join(timeout=60)
-        return False
 
     def wait_writes(self, n, timeout=60):
         wait_for(lambda: self.writes >= n or self.error, timeout=timeout,

@@ -34,7 +34,6 @@ import ctypes
 import hashlib
 import os
 import random
-import shutil
 import threading
 import time
 
@@ -42,21 +41,12 @@ import pytest
 
 from helpers import (KiB, MiB, create_qcow2, create_raw, job_info, mounted,
                      qemu_img_check, qemu_img_compare, qemu_io, wait_for)
-from test_merge_common import command, layer_files
+from test_merge_common import GuestThread, command, layer_files
 
 BLOCK = 4 * KiB
 SIZE = 32 * MiB
 EXPORT = "vm1"
 
-
-@pytest.fixture(autouse=True)
-def drop_images_when_passed(request, tmp_path):
-    """A test here leaves about 100 MiB of images per run behind: keep
-    them only when it failed (pytest keeps three sessions of tmp_path)."""
-    failed = request.session.testsfailed
-    yield
-    if request.session.testsfailed == failed:
-        shutil.rmtree(tmp_path, ignore_errors=True)
 
 # ------------------------------------------------------------------ chain
 
@@ -234,7 +224,7 @@ def fallocate(fd, mode, off, length):
         raise OSError(e, os.strerror(e))
 
 
-class CrashGuest(threading.Thread):
+class CrashGuest(GuestThread):
     """One guest: seeded writes, zero ranges, fsyncs and read checks on the
     export, kept in a DiskModel.  An I/O error ends it: when the daemon
     is gone (io_error; the test decides whether that was expected), or
@@ -335,15 +325,6 @@ class CrashGuest(threading.Thread):
                                       self.model.describe(want[i:i + BLOCK])))
                     break
             self.stop_event.set()
-
-    def __enter__(self):
-        self.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.stop_event.set()
-        self.join(timeout=60)
-        return False
 
     def healthy(self):
         assert self.error is None, self.error

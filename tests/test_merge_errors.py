@@ -61,16 +61,28 @@ def build(d):
     qemu_io(d / "vm1.qcow2", "write -P 6 1M 1M")
 
 
-def test_on_error_stop_pauses_then_resumes(tmp_path):
+@contextlib.contextmanager
+def small_disk(tmp_path, flat=True):
+    """A 48 MiB tmpfs holding build()'s chain: (its path, the image
+    directory, the chain as raw outside it, or None)."""
     with tmpfs(tmp_path / "fs", 48 * MiB) as fs:
         d = fs / "images"
         d.mkdir()
         build(d)
-        flat = to_raw(d / "vm1.qcow2", tmp_path / "flat.raw")
-        mnt = tmp_path / "mnt"
-        with mounted(d, mnt) as m:
-            m.allowed_log.append("No space left")
-            exp = m.path("vm1")
+        yield fs, d, to_raw(d / "vm1.qcow2", tmp_path / "flat.raw") if flat else None
+
+
+@contextlib.contextmanager
+def mounted_vm1(d, tmp_path):
+    """The export vm1 of d, mounted; the full disk may be logged."""
+    with mounted(d, tmp_path / "mnt") as m:
+        m.allowed_log.append("No space left")
+        yield m.path("vm1")
+
+
+def test_on_error_stop_pauses_then_resumes(tmp_path):
+    with small_disk(tmp_path) as (fs, d, flat):
+        with mounted_vm1(d, tmp_path) as exp:
             start(exp, "commit", "top=snap1.qcow2 bandwidth=4M on-error=stop")
             filler = fill_while_paused(exp, fs)
             info = wait_for(lambda: job_info(exp)["error"] and job_info(exp),
@@ -90,15 +102,8 @@ def test_on_error_stop_pauses_then_resumes(tmp_path):
 
 
 def test_on_error_report_fails_and_keeps_chain(tmp_path):
-    with tmpfs(tmp_path / "fs", 48 * MiB) as fs:
-        d = fs / "images"
-        d.mkdir()
-        build(d)
-        flat = to_raw(d / "vm1.qcow2", tmp_path / "flat.raw")
-        mnt = tmp_path / "mnt"
-        with mounted(d, mnt) as m:
-            m.allowed_log.append("No space left")
-            exp = m.path("vm1")
+    with small_disk(tmp_path) as (fs, d, flat):
+        with mounted_vm1(d, tmp_path) as exp:
             start(exp, "commit", "top=snap1.qcow2 bandwidth=4M")
             filler = fill_while_paused(exp, fs)
             info = wait_state(exp, ("failed", "completed"), timeout=60)
@@ -141,14 +146,8 @@ def test_disk_fills_at_a_random_moment_of_a_commit(tmp_path, seed):
     with the chain correct (an ignored error is retried, never skipped)."""
     rng = random.Random(seed)
     policy = rng.choice(["report", "stop", "ignore"])
-    with tmpfs(tmp_path / "fs", 48 * MiB) as fs:
-        d = fs / "images"
-        d.mkdir()
-        build(d)
-        mnt = tmp_path / "mnt"
-        with mounted(d, mnt) as m:
-            m.allowed_log.append("No space left")
-            exp = m.path("vm1")
+    with small_disk(tmp_path, flat=False) as (fs, d, _):
+        with mounted_vm1(d, tmp_path) as exp:
             with open(exp, "rb") as f:
                 model = bytearray(f.read())
             start(exp, "commit", "top=snap1.qcow2 bandwidth=%dM on-error=%s"
@@ -190,15 +189,8 @@ def test_disk_fills_at_a_random_moment_of_a_commit(tmp_path, seed):
 def test_stream_ignoring_errors_keeps_the_layers(tmp_path):
     """on-error=ignore lets a stream go on past a range it could not copy,
     as QEMU's does, and then ends failed with the backing chain kept."""
-    with tmpfs(tmp_path / "fs", 48 * MiB) as fs:
-        d = fs / "images"
-        d.mkdir()
-        build(d)
-        flat = to_raw(d / "vm1.qcow2", tmp_path / "flat.raw")
-        mnt = tmp_path / "mnt"
-        with mounted(d, mnt) as m:
-            m.allowed_log.append("No space left")
-            exp = m.path("vm1")
+    with small_disk(tmp_path) as (fs, d, flat):
+        with mounted_vm1(d, tmp_path) as exp:
             filler = fill(fs)
             start(exp, "stream", "on-error=ignore")
             info = wait_state(exp, ("failed", "completed"), timeout=60)

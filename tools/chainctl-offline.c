@@ -135,91 +135,30 @@ static int ctl_offline_commit_dry_run(Chain *chain, const CommitOptions *opts,
 {
     g_autoptr(GError) err = NULL;
     g_autofree char *room = NULL;
-    uint64_t needed = 0;
+    CommitEstimate est;
 
-    if (!merge_commit_estimate(chain, opts, &needed, &err)) {
+    if (!merge_commit_estimate(chain, opts, &est, &err)) {
         return ctl_fail("%s", err->message);
     }
-    room = chain_info_commit_room_json(chain, opts->top, opts->base,
-                                       opts->shallow, needed, &err);
-    if (!room) {
-        return ctl_fail("%s", err->message);
-    }
+    room = commit_estimate_json(&est);
+    commit_estimate_clear(&est);
     return ctl_print_commit_room(room, path);
 }
 
-/*
- * Ctrl-C during the copy of an offline commit.
- *
- * merge_commit_offline() copies on worker threads of its own and offers
- * no way to tell it to stop; its progress callback, though, runs in this
- * thread about every 100 ms, and every copy request holds the chain's
- * topology lock for reading across its I/O.  So on Ctrl-C the callback
- * takes the lock for writing: that waits for the requests in flight and
- * keeps new ones from starting, so no write into base is left half done.
- * It then flushes every image (base's metadata in its crash-safe order;
- * the qcow2 driver also gives its unused allocation batch back, so that
- * qemu-img check finds no leak) and ends the process with status 1
- * without returning into the copy.  The backing references are rewritten
- * only after the copy has returned, so none is: the chain is as before,
- * and base holds part of the data, hidden by the layers above it, which
- * still hold the same.  The state file is not involved (an offline commit
- * keeps no checkpoint).
- *
- * A Ctrl-C that comes after the copy (while the references are rewritten)
- * is too late to act on: the commit completes.
- *
- * The plain way, a progress callback whose return value asks
- * merge_commit_offline() to stop (it would fail with ECANCELED before
- * rewriting anything, and chainctl would return as from any failure),
- * needs a change in src/merge; until it exists, this is how to stop.
- */
-typedef struct {
-    Chain *chain;
-    const char *top;      /* names, for the message */
-    const char *base;
-    CtlProgress *progress; /* NULL without --verbose */
-} CtlOfflineCommit;
-
-static void ctl_offline_commit_stop(CtlOfflineCommit *c, uint64_t done,
-                                    uint64_t total)
-{
-    int ret;
-
-    chain_topo_wrlock(c->chain);
-    ret = chain_flush(c->chain);
-    if (c->progress) {
-        ctl_progress_done(c->progress);
-    }
-    if (ret < 0) {
-        ctl_fail("interrupted: commit of %s into %s stopped at offset %" PRIu64
-                 " of %" PRIu64 " bytes, but flushing the images failed: "
-                 "%s; no backing file was changed", c->top, c->base, done,
-                 total, g_strerror(-ret));
-    } else {
-        ctl_fail("interrupted: commit of %s into %s stopped at offset %" PRIu64
-                 " of %" PRIu64 " bytes; no backing file was changed, %s "
-                 "holds part of the data", c->top, c->base, done, total,
-                 c->base);
-    }
-    /* Not exit(): the copy's workers wait on the lock this thread holds,
-     * and nothing must run that could touch the images now. */
-    _exit(CTL_EXIT_FAIL);
-}
-
-static void ctl_offline_commit_progress(void *opaque, uint64_t done,
+/* Progress of an offline commit; a Ctrl-C stops the copy (see
+ * merge_commit_offline: nothing is rewritten then, and the images are
+ * flushed). */
+static bool ctl_offline_commit_progress(void *opaque, uint64_t done,
                                         uint64_t total)
 {
-    CtlOfflineCommit *c = opaque;
+    CtlProgress *progress = opaque;
 
-    if (c->progress) {
-        ctl_progress_update(c->progress, done, total);
+    if (progress) {
+        ctl_progress_update(progress, done, total);
     }
     /* After the update: a Ctrl-C while it waited on a slow terminal
-     * counts too, even when this is the last call of the copy. */
-    if (ctl_interrupted) {
-        ctl_offline_commit_stop(c, done, total);
-    }
+     * counts too. */
+    return !ctl_interrupted;
 }
 
 int ctl_offline_commit(const char *path, const CtlCommitArgs *a)
@@ -228,9 +167,6 @@ int ctl_offline_commit(const char *path, const CtlCommitArgs *a)
     g_autoptr(GError) err = NULL;
     CommitOptions opts;
     CtlProgress progress;
-    CtlOfflineCommit c = { .top = "top", .base = "base" };
-    guint top_idx, base_idx;
-    uint64_t need = 0;
     bool ok;
 
     /* A dry run writes nothing: open everything read-only. */
@@ -245,21 +181,15 @@ int ctl_offline_commit(const char *path, const CtlCommitArgs *a)
         return r;
     }
 
-    /* Ctrl-C from here on stops the copy (see above); the flag is set
-     * before the copy starts too, and acted on at its first tick. */
+    /* Ctrl-C from here on stops the copy; the flag is set before the copy
+     * starts too, and acted on at its first tick. */
     ctl_catch_sigint(true);
-    c.chain = o.chain;
-    if (chain_info_commit_layers(o.chain, opts.top, opts.base, opts.shallow,
-                                 &top_idx, &base_idx, NULL)) {
-        c.top = chain_layer(o.chain, top_idx)->name;
-        c.base = chain_layer(o.chain, base_idx)->name;
-    }
     if (a->verbose) {
         ctl_progress_init(&progress, "Block Commit");
-        c.progress = &progress;
     }
-    ok = merge_commit_offline(o.merge, o.chain, &opts, false, &need,
-                              ctl_offline_commit_progress, &c, &err);
+    ok = merge_commit_offline(o.merge, o.chain, &opts,
+                              ctl_offline_commit_progress,
+                              a->verbose ? &progress : NULL, &err);
     if (a->verbose) {
         if (ok) {
             ctl_progress_update(&progress, 1, 1);
@@ -267,6 +197,9 @@ int ctl_offline_commit(const char *path, const CtlCommitArgs *a)
         ctl_progress_done(&progress);
     }
     commit_options_clear(&opts);
+    if (!ok && g_error_matches(err, CHAINFS_ERROR, ECANCELED)) {
+        return ctl_fail("interrupted: %s", err->message);
+    }
     if (!ok) {
         return ctl_fail("%s", err->message);
     }

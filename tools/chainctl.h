@@ -130,7 +130,7 @@ GPtrArray *ctl_json_array_items(const char *text);
 int ctl_print_chain(const char *chain_json, const char *source);
 
 /*
- * Print a commit estimate (chain_info_commit_room_json(), the "estimate"
+ * Print a commit estimate (commit_estimate_json(), the "estimate"
  * of the control file's dry-run reply): "top:", "base:", "needs:",
  * "available:" lines.  CTL_EXIT_FAIL (message printed) when malformed.
  */

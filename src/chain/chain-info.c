@@ -1,7 +1,5 @@
 /* chain-info.c: see chain-info.h. */
-#include <errno.h>
 #include <string.h>
-#include <sys/statvfs.h>
 
 #include "chain-info.h"
 #include "json.h"
@@ -57,73 +55,5 @@ char *chain_info_json(Chain *chain)
     }
     chain_topo_unlock(chain);
     g_string_append(out, "]}");
-    return g_string_free(out, FALSE);
-}
-
-bool chain_info_commit_layers(Chain *chain, const char *top,
-                              const char *base, bool shallow,
-                              guint *top_idx, guint *base_idx,
-                              GError **error)
-{
-    bool ok = false;
-    guint depth;
-    int t, b;
-
-    chain_topo_rdlock(chain);
-    depth = chain_depth(chain);
-    t = top ? chain_find_layer(chain, top) : 0;
-    b = base ? chain_find_layer(chain, base) :
-        shallow ? t + 1 : (int)depth - 1;
-    if (t < 0 || b < 0) {
-        chainfs_set_error(error, ENOENT, "no layer %s in chain %s",
-                          t < 0 ? top : base, chain->name);
-    } else if (b >= (int)depth) {
-        chainfs_set_error(error, EINVAL, "%s has no backing file to commit "
-                          "into", chain_layer(chain, (guint)t)->name);
-    } else if (b <= t) {
-        chainfs_set_error(error, EINVAL, "base %s is not below top %s",
-                          chain_layer(chain, (guint)b)->name,
-                          chain_layer(chain, (guint)t)->name);
-    } else {
-        *top_idx = (guint)t;
-        *base_idx = (guint)b;
-        ok = true;
-    }
-    chain_topo_unlock(chain);
-    return ok;
-}
-
-char *chain_info_commit_room_json(Chain *chain, const char *top,
-                                  const char *base, bool shallow,
-                                  uint64_t needed_bytes, GError **error)
-{
-    GString *out;
-    ChainImage *base_img;
-    guint t, b;
-    struct statvfs sv;
-
-    chain_topo_rdlock(chain);
-    if (!chain_info_commit_layers(chain, top, base, shallow, &t, &b, error)) {
-        chain_topo_unlock(chain);
-        return NULL;
-    }
-    base_img = chain_layer(chain, b);
-    /* Where base lives as resolved: its path may be a symlink elsewhere. */
-    if (statvfs(base_img->dir, &sv) < 0) {
-        int err = errno;
-
-        chainfs_set_error(error, err, "cannot stat the filesystem of %s: %s",
-                          base_img->name, g_strerror(err));
-        chain_topo_unlock(chain);
-        return NULL;
-    }
-    out = g_string_new("{");
-    json_append_member_string(out, "top", chain_layer(chain, t)->name);
-    json_append_member_string(out, "base", base_img->name);
-    json_append_member_uint(out, "needed_bytes", needed_bytes);
-    json_append_member_uint(out, "available_bytes",
-                            (uint64_t)sv.f_bavail * sv.f_frsize);
-    chain_topo_unlock(chain);
-    g_string_append_c(out, '}');
     return g_string_free(out, FALSE);
 }

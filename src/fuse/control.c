@@ -60,29 +60,20 @@ static bool ctl_take_word(const char *words, const char *word, char **rest)
 
 /*
  * commit ... dry-run: the estimate that the commit's up-front ENOSPC check
- * uses (merge_commit_estimate) and the room on base's filesystem, as the
- * JSON of chain_info_commit_room_json() in *estimate.  Starts nothing and
- * writes nothing.
+ * uses, as commit_estimate_json() in *estimate.  Starts nothing and writes
+ * nothing.
  */
 static bool ctl_commit_dry_run(Chain *chain, const CommitOptions *opts,
                                char **estimate, GError **error)
 {
-    uint64_t needed = 0;
-    bool ok;
+    CommitEstimate est;
 
-    /* merge_commit_estimate takes the topology read lock itself, and that
-     * lock is not recursive (it prefers writers: a nested read lock would
-     * deadlock behind a waiting snapshot or pivot).  A layer change in
-     * between makes the names below fail to resolve, never lie. */
-    if (!merge_commit_estimate(chain, opts, &needed, error)) {
+    if (!merge_commit_estimate(chain, opts, &est, error)) {
         return false;
     }
-    chain_topo_rdlock(chain);
-    *estimate = chain_info_commit_room_json(chain, opts->top, opts->base,
-                                            opts->shallow, needed, error);
-    ok = *estimate != NULL;
-    chain_topo_unlock(chain);
-    return ok;
+    *estimate = commit_estimate_json(&est);
+    commit_estimate_clear(&est);
+    return true;
 }
 
 /*

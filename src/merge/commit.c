@@ -19,6 +19,7 @@
 #include <string.h>
 #include <sys/statvfs.h>
 
+#include "json.h"
 #include "merge-int.h"
 
 /* ---- planning ------------------------------------------------------------ */
@@ -156,28 +157,43 @@ static int commit_estimate_locked(Chain *chain, const CommitPlan *plan,
     return 0;
 }
 
-bool commit_check_space(Chain *chain, const CommitPlan *plan,
-                        uint64_t *need_bytes, GError **error)
+/* The estimate of plan, and the room on base's filesystem (where base
+ * lives as resolved: its path may be a symlink elsewhere).  Topology lock
+ * held. */
+static bool commit_estimate_plan(Chain *chain, const CommitPlan *plan,
+                                 uint64_t *need, uint64_t *avail,
+                                 GError **error)
 {
     struct statvfs sv;
-    uint64_t need = 0, avail;
-    int ret;
+    int ret = commit_estimate_locked(chain, plan, 0, need);
 
-    ret = commit_estimate_locked(chain, plan, 0, &need);
     if (ret < 0) {
         chainfs_set_error(error, -ret, "cannot estimate the commit: %s",
                           g_strerror(-ret));
         return false;
     }
+    if (statvfs(plan->base->dir, &sv) < 0) {
+        int err = errno;
+
+        chainfs_set_error(error, err, "cannot stat the filesystem of %s: %s",
+                          plan->base->name, g_strerror(err));
+        return false;
+    }
+    *avail = (uint64_t)sv.f_bavail * sv.f_frsize;
+    return true;
+}
+
+bool commit_check_space(Chain *chain, const CommitPlan *plan,
+                        uint64_t *need_bytes, GError **error)
+{
+    uint64_t need = 0, avail = 0;
+
+    if (!commit_estimate_plan(chain, plan, &need, &avail, error)) {
+        return false;
+    }
     if (need_bytes) {
         *need_bytes = need;
     }
-    if (statvfs(plan->base->dir, &sv) < 0) {
-        chainfs_set_error(error, errno, "cannot stat the filesystem of %s: %s",
-                          plan->base->name, g_strerror(errno));
-        return false;
-    }
-    avail = (uint64_t)sv.f_bavail * sv.f_frsize;
     if (need > avail) {
         chainfs_set_error(error, ENOSPC,
                           "the commit needs %" G_GUINT64_FORMAT " bytes on the "
@@ -189,24 +205,40 @@ bool commit_check_space(Chain *chain, const CommitPlan *plan,
 }
 
 bool merge_commit_estimate(Chain *chain, const CommitOptions *opts,
-                           uint64_t *need_bytes, GError **error)
+                           CommitEstimate *out, GError **error)
 {
     CommitPlan plan;
-    int ret;
+    bool ok;
 
+    memset(out, 0, sizeof(*out));
     chain_topo_rdlock(chain);
-    if (!commit_plan(chain, opts, true, &plan, error)) {
-        chain_topo_unlock(chain);
-        return false;
+    ok = commit_plan(chain, opts, true, &plan, error) &&
+         commit_estimate_plan(chain, &plan, &out->needed_bytes,
+                              &out->available_bytes, error);
+    if (ok) {
+        out->top = g_strdup(plan.top->name);
+        out->base = g_strdup(plan.base->name);
     }
-    ret = commit_estimate_locked(chain, &plan, 0, need_bytes);
     chain_topo_unlock(chain);
-    if (ret < 0) {
-        chainfs_set_error(error, -ret, "cannot estimate the commit: %s",
-                          g_strerror(-ret));
-        return false;
-    }
-    return true;
+    return ok;
+}
+
+char *commit_estimate_json(const CommitEstimate *e)
+{
+    GString *out = g_string_new("{");
+
+    json_append_member_string(out, "top", e->top);
+    json_append_member_string(out, "base", e->base);
+    json_append_member_uint(out, "needed_bytes", e->needed_bytes);
+    json_append_member_uint(out, "available_bytes", e->available_bytes);
+    g_string_append_c(out, '}');
+    return g_string_free(out, FALSE);
+}
+
+void commit_estimate_clear(CommitEstimate *e)
+{
+    g_clear_pointer(&e->top, g_free);
+    g_clear_pointer(&e->base, g_free);
 }
 
 /* ---- copying --------------------------------------------------------------- */
@@ -907,7 +939,7 @@ Job *commit_job_create(MergeContext *ctx, Chain *chain,
 /* ---- offline ------------------------------------------------------------------- */
 
 typedef struct {
-    void (*progress)(void *opaque, uint64_t done, uint64_t total);
+    bool (*progress)(void *opaque, uint64_t done, uint64_t total);
     void *opaque;
     uint64_t total;
 } OfflineTick;
@@ -916,16 +948,15 @@ static int offline_tick(void *opaque, uint64_t prefix)
 {
     OfflineTick *t = opaque;
 
-    if (t->progress) {
-        t->progress(t->opaque, prefix, t->total);
+    if (t->progress && !t->progress(t->opaque, prefix, t->total)) {
+        return -ECANCELED;
     }
     return 0;
 }
 
 bool merge_commit_offline(MergeContext *ctx, Chain *chain,
-                          const CommitOptions *opts, bool dry_run,
-                          uint64_t *need_bytes,
-                          void (*progress)(void *opaque, uint64_t done,
+                          const CommitOptions *opts,
+                          bool (*progress)(void *opaque, uint64_t done,
                                            uint64_t total),
                           void *opaque, GError **error)
 {
@@ -934,20 +965,11 @@ bool merge_commit_offline(MergeContext *ctx, Chain *chain,
     g_auto(GStrv) layers = NULL;
     g_auto(GStrv) dropped = NULL;
     CommitPlan plan;
-    uint64_t need = 0;
     bool ok;
 
     chain_topo_rdlock(chain);
     ok = commit_plan(chain, opts, true, &plan, error);
-    if (ok && dry_run) {
-        int ret = commit_estimate_locked(chain, &plan, 0, &need);
-
-        if (ret < 0) {
-            chainfs_set_error(error, -ret, "cannot estimate the commit: %s",
-                              g_strerror(-ret));
-            ok = false;
-        }
-    } else if (ok) {
+    if (ok) {
         guint first = plan.top_idx > 0 ? plan.top_idx : plan.top_idx + 1;
 
         layers = commit_layer_names(chain, first, plan.base_idx - 1);
@@ -956,12 +978,6 @@ bool merge_commit_offline(MergeContext *ctx, Chain *chain,
     chain_topo_unlock(chain);
     if (!ok) {
         return false;
-    }
-    if (dry_run) {
-        if (need_bytes) {
-            *need_bytes = need;
-        }
-        return true;
     }
 
     chain_topo_wrlock(chain);
@@ -985,6 +1001,17 @@ bool merge_commit_offline(MergeContext *ctx, Chain *chain,
         uint64_t prefix;
         int ret = commit_copy_all(&c, offline_tick, &t, &prefix);
 
+        if (ret == -ECANCELED) {
+            chainfs_set_error(error, ECANCELED,
+                              "commit of %s into %s stopped at offset %"
+                              G_GUINT64_FORMAT " of %" G_GUINT64_FORMAT
+                              " bytes; no backing file was changed, %s "
+                              "holds part of the data", plan.top->name,
+                              plan.base->name, prefix, plan.size,
+                              plan.base->name);
+            ok = false;
+            goto out;
+        }
         if (ret < 0) {
             chainfs_set_error(error, -ret,
                               "commit of %s into %s failed near offset %"
@@ -998,9 +1025,6 @@ bool merge_commit_offline(MergeContext *ctx, Chain *chain,
                        reopened, &dropped, error);
     if (ok && opts->delete_dropped) {
         merge_unlink_dropped(dir, dropped);
-    }
-    if (ok && need_bytes) {
-        *need_bytes = 0;
     }
 out:
     chain_topo_wrlock(chain);

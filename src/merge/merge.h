@@ -79,21 +79,34 @@ bool merge_start_stream(MergeContext *ctx, Chain *chain,
                         const StreamOptions *opts, GError **error);
 
 /*
- * Offline commit (chainctl on image files): the same copy in one pass in
- * the calling thread; progress(opaque, done, total) is called now and then
- * when not NULL.  dry_run only computes the bytes the commit would write
- * into base and the extra room it needs, into *need_bytes.
+ * Offline commit (chainctl on image files): the same copy in one pass,
+ * driven from the calling thread.  progress(opaque, done, total), when
+ * not NULL, is called there about every 100 ms; returning FALSE stops the
+ * copy once the requests in flight end: the commit then fails with
+ * ECANCELED before any backing reference is rewritten (base keeps part of
+ * the data, hidden by the layers above, which still hold it).
  */
 bool merge_commit_offline(MergeContext *ctx, Chain *chain,
-                          const CommitOptions *opts, bool dry_run,
-                          uint64_t *need_bytes,
-                          void (*progress)(void *opaque, uint64_t done,
+                          const CommitOptions *opts,
+                          bool (*progress)(void *opaque, uint64_t done,
                                            uint64_t total),
                           void *opaque, GError **error);
 
-/* Estimate of the bytes base's filesystem needs for this commit. */
+/* What a commit would need: its layers as resolved, the bytes base's
+ * filesystem must newly hold (what the up-front ENOSPC check compares)
+ * and what that filesystem has free. */
+typedef struct {
+    char *top;
+    char *base;
+    uint64_t needed_bytes;
+    uint64_t available_bytes;
+} CommitEstimate;
+
 bool merge_commit_estimate(Chain *chain, const CommitOptions *opts,
-                           uint64_t *need_bytes, GError **error);
+                           CommitEstimate *out, GError **error);
+/* {"top", "base", "needed_bytes", "available_bytes"}; newly allocated. */
+char *commit_estimate_json(const CommitEstimate *e);
+void commit_estimate_clear(CommitEstimate *e);
 
 /*
  * Live snapshot: create FILE (a qcow2 v3 overlay with a relative backing

@@ -15,6 +15,9 @@ the same chain.
    over top's allocated 128 MiB: idle for about the commit's expected
    time, then exactly while the same commit runs limited to half the
    disk speed (fio started after the command, stopped at completion).
+   Parts 1 and 2 run every side ROUNDS times, taking turns, and report
+   the median with each round's figure: single runs on a shared VM swing
+   by 2-3x with the host's disk.
 3. Active commit under a guest writing flat out (fio randwrite 4k libaio
    qd16): time from the command to `ready`, then pivot.  For qsd,
    block-commit of the active layer: what happens, with a timeout.
@@ -22,6 +25,7 @@ the same chain.
     bench/bench_commit.py [--quick]
 """
 import os
+import statistics
 import sys
 import time
 
@@ -34,6 +38,8 @@ DATA = (512 if B.QUICK else 1024) * B.MiB  # the issue asks 1 GiB; --quick halve
 # write (an overwrite), not first-touch allocation against steady state.
 GUEST_SPAN = 128 * B.MiB
 ACTIVE_TIMEOUT = 20 if B.QUICK else 60
+# Parts 1 and 2 run each side this many times, in turn, and report medians.
+ROUNDS = 3
 
 
 # ------------------------------------------------------------ setups
@@ -162,46 +168,82 @@ def qemu_img_commit(d):
     return {"t_done": t_done, "t_sync": time.monotonic() - t0}
 
 
+def rounds_in_turn(sides, rounds):
+    """Yield (round, side name, fn) so that each round starts with another
+    side: on a shared VM the disk's pace drifts by 2-3x within minutes, and
+    a side always measured first (or right after another's big write-back)
+    would carry that drift."""
+    names = list(sides)
+    for r in range(rounds):
+        for k in range(len(names)):
+            name = names[(r + k) % len(names)]
+            yield r, name, sides[name]
+
+
+def median_of(results, key):
+    vals = sorted(x[key] for x in results if x is not None and x.get(key) is not None)
+    return statistics.median(vals) if vals else None
+
+
+def spread(results, key, fmt="%.1f"):
+    vals = [x[key] for x in results if x is not None and x.get(key) is not None]
+    return " ".join(fmt % v for v in vals) if vals else "n/a"
+
+
 def part_commit_time(root, master, ref, notes):
-    rows = []
     disk = dd_speed(os.path.join(master, "mid.qcow2"), root)
-    rows.append(["dd copy of mid.qcow2 (fdatasync)", DATA / B.MiB / disk, None, disk])
 
-    cres = None
-    if B.chainfs_missing():
-        notes.append("chainfs: " + B.chainfs_missing())
-    else:
+    def chainfs_side():
+        if B.chainfs_missing():
+            raise RuntimeError(B.chainfs_missing())
         d = B.copy_dir(master, os.path.join(root, "c"))
-        cres = B.try_side("chainfs commit", lambda: chainfs_commit(
-            d, root, "top=mid.qcow2 base=base.qcow2"), notes)
-        if cres and not same_disk(os.path.join(d, "top.qcow2"), ref):
-            notes.append("chainfs commit: top.qcow2 after the commit DIFFERS from the original")
-        B.run(["rm", "-rf", d])
+        try:
+            r = chainfs_commit(d, root, "top=mid.qcow2 base=base.qcow2")
+            if not same_disk(os.path.join(d, "top.qcow2"), ref):
+                raise RuntimeError("top.qcow2 after the commit DIFFERS from the original")
+            return r
+        finally:
+            B.run(["rm", "-rf", d])
 
-    d = B.copy_dir(master, os.path.join(root, "i"))
-    ires = B.try_side("qemu-img commit", lambda: qemu_img_commit(d), notes)
-    B.run(["rm", "-rf", d])
+    def qemu_img_side():
+        d = B.copy_dir(master, os.path.join(root, "i"))
+        try:
+            return qemu_img_commit(d)
+        finally:
+            B.run(["rm", "-rf", d])
 
-    d = B.copy_dir(master, os.path.join(root, "q"))
-    qres = B.try_side("qsd block-commit", lambda: qsd_commit(d, root), notes)
-    if qres and not same_disk(os.path.join(d, "top.qcow2"), ref):
-        notes.append("qsd block-commit: top.qcow2 after the commit DIFFERS from the original")
-    B.run(["rm", "-rf", d])
+    def qsd_side():
+        d = B.copy_dir(master, os.path.join(root, "q"))
+        try:
+            r = qsd_commit(d, root)
+            if not same_disk(os.path.join(d, "top.qcow2"), ref):
+                raise RuntimeError("top.qcow2 after the commit DIFFERS from the original")
+            return r
+        finally:
+            B.run(["rm", "-rf", d])
 
-    def row(label, r):
-        if r is None:
-            return [label, None, None, None]
-        return [label, r["t_done"], r["t_sync"], DATA / B.MiB / r["t_sync"]]
-    rows.append(row("chainfs live commit (xattr)", cres))
-    rows.append(row("qemu-img commit -b (offline)", ires))
-    rows.append(row("qsd block-commit (QMP)", qres))
-    c = cres["t_sync"] if cres else None
+    sides = {"chainfs live commit (xattr)": chainfs_side,
+             "qemu-img commit -b (offline)": qemu_img_side,
+             "qsd block-commit (QMP)": qsd_side}
+    res = {name: [] for name in sides}
+    for r, name, fn in rounds_in_turn(sides, ROUNDS):
+        res[name].append(B.try_side("%s, round %d" % (name, r + 1), fn, notes))
+
+    rows = [["dd copy of mid.qcow2 (fdatasync)", DATA / B.MiB / disk, None, disk, "-"]]
+    for name in sides:
+        t = median_of(res[name], "t_sync")
+        rows.append([name, median_of(res[name], "t_done"), t,
+                     DATA / B.MiB / t if t else None, spread(res[name], "t_sync")])
+    c = median_of(res["chainfs live commit (xattr)"], "t_sync")
     rows.append(["chainfs/qsd time (done+fsync)", None,
-                 B.ratio(c, qres["t_sync"] if qres else None), None])
+                 B.ratio(c, median_of(res["qsd block-commit (QMP)"], "t_sync")), None, "-"])
     rows.append(["chainfs/qemu-img time (done+fsync)", None,
-                 B.ratio(c, ires["t_sync"] if ires else None), None])
-    B.table("intermediate commit of %d MiB allocated data (mid -> base)" % (DATA // B.MiB),
-            ["what", "s to done", "s to done+fsync", "MiB/s"], rows)
+                 B.ratio(c, median_of(res["qemu-img commit -b (offline)"], "t_sync")), None,
+                 "-"])
+    B.table("intermediate commit of %d MiB allocated data (mid -> base), median of %d rounds"
+            " taken in turn" % (DATA // B.MiB, ROUNDS),
+            ["what", "s to done", "s to done+fsync", "MiB/s", "each round, s (done+fsync)"],
+            rows)
     return disk
 
 
@@ -210,39 +252,54 @@ def part_commit_time(root, master, ref, notes):
 def part_latency(root, master, disk_mibs, notes):
     half = int(disk_mibs / 2 * B.MiB)
     idle = max(2, round(DATA / half))   # about as long as the commit
-    res = {}
-    if not B.chainfs_missing():
-        d = B.copy_dir(master, os.path.join(root, "c"))
-        res["chainfs"] = B.try_side("chainfs commit under fio", lambda: chainfs_commit(
-            d, root, "top=mid.qcow2 base=base.qcow2 bandwidth=%d" % half, idle), notes)
-        B.run(["rm", "-rf", d])
-    d = B.copy_dir(master, os.path.join(root, "q"))
-    res["qsd"] = B.try_side("qsd block-commit under fio",
-                            lambda: qsd_commit(d, root, speed=half, idle_secs=idle), notes)
-    B.run(["rm", "-rf", d])
 
-    def fig(who, phase, key):
-        r = res.get(who)
-        return r[phase][key] if r and r.get(phase) else None
+    def chainfs_side():
+        if B.chainfs_missing():
+            raise RuntimeError(B.chainfs_missing())
+        d = B.copy_dir(master, os.path.join(root, "c"))
+        try:
+            return chainfs_commit(d, root, "top=mid.qcow2 base=base.qcow2 bandwidth=%d" % half,
+                                  idle)
+        finally:
+            B.run(["rm", "-rf", d])
+
+    def qsd_side():
+        d = B.copy_dir(master, os.path.join(root, "q"))
+        try:
+            return qsd_commit(d, root, speed=half, idle_secs=idle)
+        finally:
+            B.run(["rm", "-rf", d])
+
+    sides = {"chainfs": chainfs_side, "qsd": qsd_side}
+    res = {name: [] for name in sides}
+    for r, name, fn in rounds_in_turn(sides, ROUNDS):
+        out = B.try_side("%s commit under fio, round %d" % (name, r + 1), fn, notes)
+        if out and out.get("idle") and out.get("busy"):
+            out = {"idle_p99": out["idle"]["clat_p99_us"], "busy_p99": out["busy"]["clat_p99_us"],
+                   "idle_iops": out["idle"]["iops"], "busy_iops": out["busy"]["iops"],
+                   "t_done": out["t_done"]}
+            out["ratio"] = out["busy_p99"] / out["idle_p99"] if out["idle_p99"] else None
+        res[name].append(out)
+
+    def fig(who, key):
+        return median_of(res[who], key)
 
     rows = []
-    for who in ("chainfs", "qsd"):
-        r = res.get(who)
-        rows.append([who, fig(who, "idle", "clat_p99_us"), fig(who, "busy", "clat_p99_us"),
-                     B.ratio(fig(who, "busy", "clat_p99_us"), fig(who, "idle", "clat_p99_us")),
-                     fig(who, "idle", "iops"), fig(who, "busy", "iops"),
-                     r["t_done"] if r else None])
-
-    def both(phase, key):
-        return B.ratio(fig("chainfs", phase, key), fig("qsd", phase, key))
-    c, q = res.get("chainfs"), res.get("qsd")
-    rows.append(["chainfs/qsd", both("idle", "clat_p99_us"), both("busy", "clat_p99_us"),
-                 None, both("idle", "iops"), both("busy", "iops"),
-                 B.ratio(c and c["t_done"], q and q["t_done"])])
+    for who in sides:
+        rows.append([who, fig(who, "idle_p99"), fig(who, "busy_p99"),
+                     "%.2fx" % fig(who, "ratio") if fig(who, "ratio") else None,
+                     spread(res[who], "ratio", "%.2fx"), fig(who, "idle_iops"),
+                     fig(who, "busy_iops"), fig(who, "t_done")])
+    rows.append(["chainfs/qsd", B.ratio(fig("chainfs", "idle_p99"), fig("qsd", "idle_p99")),
+                 B.ratio(fig("chainfs", "busy_p99"), fig("qsd", "busy_p99")), None, "-",
+                 B.ratio(fig("chainfs", "idle_iops"), fig("qsd", "idle_iops")),
+                 B.ratio(fig("chainfs", "busy_iops"), fig("qsd", "busy_iops")),
+                 B.ratio(fig("chainfs", "t_done"), fig("qsd", "t_done"))])
     B.table("guest 4k randwrite (psync qd1, O_DIRECT) idle (%ds) vs during a commit of %d MiB"
-            " at %.0f MiB/s (half of %.0f)" % (idle, DATA // B.MiB, half / B.MiB, disk_mibs),
-            ["daemon", "p99 us idle", "p99 us commit", "commit/idle", "IOPS idle",
-             "IOPS commit", "commit s"], rows)
+            " at %.0f MiB/s (half of %.0f), median of %d rounds taken in turn"
+            % (idle, DATA // B.MiB, half / B.MiB, disk_mibs, ROUNDS),
+            ["daemon", "p99 us idle", "p99 us commit", "commit/idle", "each round",
+             "IOPS idle", "IOPS commit", "commit s"], rows)
 
 
 # ------------------------------------------------------------ 3. active commit

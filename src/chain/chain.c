@@ -383,6 +383,13 @@ bool chain_image_reopen(ChainImage *img, bool writable, GError **error)
 
 /* ---- chains ---------------------------------------------------------- */
 
+void chain_image_start_writeback(ChainImage *img)
+{
+    if (img->writable) {
+        (void)sync_file_range(img->fd, 0, 0, SYNC_FILE_RANGE_WRITE);
+    }
+}
+
 static void chain_release_layers(ImageSet *set, GPtrArray *layers)
 {
     for (guint i = 0; i < layers->len; i++) {

@@ -168,6 +168,14 @@ int chain_image_read_below(ChainImage *img, uint64_t offset, void *buf,
 int chain_image_read_through(ChainImage *img, uint64_t offset, void *buf,
                              uint64_t bytes);
 
+/*
+ * Start writing img's dirty page-cache pages back to the disk without
+ * waiting for them.  A long copy into img calls it as it goes, so the disk
+ * writes while the copy runs instead of all at the next flush.  Advisory:
+ * a failure is left for that flush to report.  Implemented in chain.c.
+ */
+void chain_image_start_writeback(ChainImage *img);
+
 /* Pick the driver for a file: by backing_fmt name when given, else probe. */
 const ImageDriver *image_driver_by_name(const char *format_name);
 const ImageDriver *image_probe_fd(int fd);

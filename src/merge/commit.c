@@ -482,6 +482,13 @@ static int commit_copy_all(CommitCopy *c,
                           g_get_monotonic_time() + 100 * 1000);
         prefix = c->prefix;
         g_mutex_unlock(&c->lock);
+        /* Unlimited, keep the disk writing while the workers copy: the
+         * checkpoints' and the final flush of base then wait for little.
+         * A speed limit leaves the disk to the guest instead, writing at
+         * the checkpoints only. */
+        if (!c->job || !job_is_rate_limited(c->job)) {
+            chain_image_start_writeback(c->base);
+        }
         ret = tick ? tick(opaque, prefix) : 0;
         if (ret < 0) {
             commit_copy_fail(c, ret);

@@ -291,6 +291,13 @@ bool job_set_speed(Job *job, uint64_t speed, GError **error)
     return true;
 }
 
+bool job_is_rate_limited(Job *job)
+{
+    g_autoptr(GMutexLocker) locker = g_mutex_locker_new(&job->lock);
+
+    return job->limit.speed != 0;
+}
+
 bool job_complete(Job *job, GError **error)
 {
     g_autoptr(GMutexLocker) locker = g_mutex_locker_new(&job->lock);

@@ -160,6 +160,8 @@ bool job_rate_limit(Job *job, uint64_t bytes);
 /* Wait us microseconds, pausing meanwhile; woken early by a cancel.  TRUE
  * when the job must stop. */
 bool job_sleep(Job *job, int64_t us);
+/* Does a speed limit apply now? */
+bool job_is_rate_limited(Job *job);
 /* Record progress. */
 void job_set_progress(Job *job, uint64_t offset, uint64_t len);
 void job_add_copied(Job *job, uint64_t bytes);

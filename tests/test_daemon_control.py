@@ -4,6 +4,7 @@ their errno and last_error."""
 import errno
 import json
 import os
+import random
 import threading
 
 import pytest
@@ -250,3 +251,57 @@ def test_snapshot_refused_while_job_runs(image_dir, mountpoint):
         setxattr(exp, "user.chainfs.snapshot", "s9.qcow2")
         assert chain_info(exp)["layers"][0]["file"] == "s9.qcow2"
     qemu_img_check(image_dir / "s9.qcow2")
+
+
+def test_snapshot_and_job_start_race(image_dir, mountpoint):
+    """A snapshot and an active commit asked at the same moment: one of
+    them waits for or refuses the other, never both run on the layers at
+    once.  Each round writes a block first; the export ends equal to the
+    model and no job fails."""
+    rng = random.Random(41)
+    make_chain(image_dir, depth=2, size=SIZE, base_fmt="qcow2", top_name="vm.qcow2", seed=13)
+    with open(to_raw(image_dir / "vm.qcow2", image_dir.parent / "m.raw"), "rb") as f:
+        model = bytearray(f.read())
+    with mounted(image_dir, mountpoint) as m:
+        exp = m.path("vm")
+        for rnd in range(20):
+            if len(chain_info(exp)["layers"]) == 1:
+                # a pivot left base alone: give the commit a layer to race for
+                setxattr(exp, "user.chainfs.snapshot", "p%d.qcow2" % rnd)
+            off = rng.randrange(SIZE // BLOCK) * BLOCK
+            data = pattern(0x40 + rnd, BLOCK)
+            pwrite_all(exp, off, data)
+            model[off:off + BLOCK] = data
+            results = {}
+            gate = threading.Barrier(2)
+
+            def ask(name, value, delay):
+                gate.wait()
+                threading.Event().wait(delay)
+                results[name] = setxattr_errno(exp, name, value)
+
+            threads = [threading.Thread(target=ask, args=(
+                           "user.chainfs.snapshot", "r%d.qcow2" % rnd, rng.random() / 1000)),
+                       threading.Thread(target=ask, args=(
+                           "user.chainfs.commit", "active delete", rng.random() / 1000))]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            assert set(results.values()) <= {0, errno.EBUSY}, results
+            assert 0 in results.values(), results
+            if results["user.chainfs.commit"] == 0:
+                wait_job(exp, states=("ready",), timeout=60)
+                setxattr(exp, "user.chainfs.job.pivot")
+                info = wait_job(exp, states=("completed",), timeout=60)
+                assert info["type"] == "active-commit", info
+                if results["user.chainfs.snapshot"] == 0:
+                    # both went through: the commit started after the
+                    # snapshot, on the snapshot's layer
+                    assert info["top"] == "r%d.qcow2" % rnd, (info, results)
+            layers = chain_info(exp)["layers"]
+            assert len(layers) <= 3, layers
+            assert pread_all(exp, 0, SIZE) == bytes(model), "round %d" % rnd
+    for layer in os.listdir(image_dir):
+        if layer.endswith(".qcow2"):
+            qemu_img_check(image_dir / layer)

@@ -171,6 +171,13 @@ bool commit_finish(Chain *chain, ChainImage *top, ChainImage *base,
     "snapshot-created", "snapshot-flushed", "snapshot-recorded"
 void merge_crash_point(const char *name);
 
+/* Run fn under chain's job slot lock, refusing EBUSY "cannot WHAT: a job
+ * is already ..." while a job is live: no job can start until fn returns.
+ * fn may take the topology lock. */
+bool merge_run_idle(MergeContext *ctx, Chain *chain, const char *what,
+                    bool (*fn)(Chain *chain, void *opaque, GError **error),
+                    void *opaque, GError **error);
+
 /* Size of one copy request. */
 #define MERGE_CHUNK (1024 * 1024)
 /* A checkpoint at least every this many bytes or microseconds. */

@@ -156,14 +156,9 @@ static MergeSlot *merge_slot(MergeContext *ctx, Chain *chain)
 typedef Job *(*MergeJobCreateFn)(MergeContext *ctx, Chain *chain,
                                  const void *opts, GError **error);
 
-static bool merge_start_job(MergeContext *ctx, Chain *chain,
-                            MergeJobCreateFn create, const void *opts,
-                            GError **error)
+/* EBUSY while a job is live on chain.  slot->lock held. */
+static bool slot_check_idle(MergeSlot *slot, Chain *chain, GError **error)
 {
-    MergeSlot *slot = merge_slot(ctx, chain);
-    g_autoptr(GMutexLocker) locker = g_mutex_locker_new(&slot->lock);
-    Job *job;
-
     if (slot->job) {
         JobStatus s = job_get_status(slot->job);
 
@@ -175,11 +170,32 @@ static bool merge_start_job(MergeContext *ctx, Chain *chain,
             return false;
         }
     }
+    return true;
+}
+
+static bool merge_start_job(MergeContext *ctx, Chain *chain,
+                            MergeJobCreateFn create, const void *opts,
+                            GError **error)
+{
+    MergeSlot *slot = merge_slot(ctx, chain);
+    g_autoptr(GMutexLocker) locker = g_mutex_locker_new(&slot->lock);
+    Job *job;
+
+    if (!slot_check_idle(slot, chain, error)) {
+        return false;
+    }
     job = create(ctx, chain, opts, error);
     if (!job) {
         return false;
     }
     if (!job_start(job, error)) {
+        g_autoptr(GError) err = NULL;
+
+        /* create() recorded the job for the next mount; the user is told
+         * it failed, so the next mount must not start it. */
+        if (!checkpoint_clear(image_set_dir(chain->set), chain->name, &err)) {
+            g_message("%s: %s", chain->name, err->message);
+        }
         if (job->driver->clean) {
             job->driver->clean(job);
         }
@@ -201,18 +217,21 @@ static bool merge_check_idle(MergeContext *ctx, Chain *chain, GError **error)
     MergeSlot *slot = merge_slot(ctx, chain);
     g_autoptr(GMutexLocker) locker = g_mutex_locker_new(&slot->lock);
 
-    if (slot->job) {
-        JobStatus s = job_get_status(slot->job);
+    return slot_check_idle(slot, chain, error);
+}
 
-        if (!job_status_is_terminal(s)) {
-            chainfs_set_error(error, EBUSY,
-                              "a job is already %s on %s (%s)",
-                              job_status_public(s), chain->name,
-                              slot->job->id);
-            return false;
-        }
+bool merge_run_idle(MergeContext *ctx, Chain *chain, const char *what,
+                    bool (*fn)(Chain *chain, void *opaque, GError **error),
+                    void *opaque, GError **error)
+{
+    MergeSlot *slot = merge_slot(ctx, chain);
+    g_autoptr(GMutexLocker) locker = g_mutex_locker_new(&slot->lock);
+
+    if (!slot_check_idle(slot, chain, error)) {
+        g_prefix_error(error, "cannot %s: ", what);
+        return false;
     }
-    return true;
+    return fn(chain, opaque, error);
 }
 
 static Job *merge_create_commit(MergeContext *ctx, Chain *chain,

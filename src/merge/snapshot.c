@@ -118,23 +118,6 @@ static void snapshot_forget_name(const char *dir, const char *export_name,
     }
 }
 
-/* A job that still runs on the chain keeps the layer list for itself. */
-static bool snapshot_check_no_job(Chain *chain, GError **error)
-{
-    g_autofree char *info = merge_job_info_json(chain);
-    g_autofree char *state = info ? json_get_member(info, "state") : NULL;
-
-    if (state && (strcmp(state, "running") == 0 ||
-                  strcmp(state, "paused") == 0 ||
-                  strcmp(state, "ready") == 0)) {
-        chainfs_set_error(error, EBUSY,
-                          "cannot snapshot %s: a job is %s on it",
-                          chain->name, state);
-        return false;
-    }
-    return true;
-}
-
 /*
  * On entry chain is open and served, the caller holds no topology lock.
  * On success file is the active layer (read-write), the old active layer is
@@ -142,9 +125,9 @@ static bool snapshot_check_no_job(Chain *chain, GError **error)
  * failure nothing changed and file does not exist (unless it existed
  * before: EEXIST).
  */
-bool merge_snapshot(MergeContext *ctx, Chain *chain, const char *file,
-                    GError **error)
+static bool snapshot_idle(Chain *chain, void *opaque, GError **error)
 {
+    const char *file = opaque;
     const char *dir = image_set_dir(chain->set);
     g_autofree char *path = NULL;
     g_autofree char *backing_ref = NULL;
@@ -167,10 +150,6 @@ bool merge_snapshot(MergeContext *ctx, Chain *chain, const char *file,
         chainfs_set_error(error, EINVAL, "%s is chainfs's state file", file);
         return false;
     }
-    if (!snapshot_check_no_job(chain, error)) {
-        return false;
-    }
-
     /* The active layer as it is now; checked again under the lock. */
     chain_topo_rdlock(chain);
     old_top = chain_layer(chain, 0);
@@ -256,4 +235,15 @@ fail_forget:
         snapshot_forget_name(dir, chain->name, backing_ref);
     }
     return false;
+}
+
+/* A job keeps the layer list for itself while it runs: the snapshot runs
+ * under the job slot lock, so that none starts meanwhile either. */
+bool merge_snapshot(MergeContext *ctx, Chain *chain, const char *file,
+                    GError **error)
+{
+    g_autofree char *what = g_strdup_printf("snapshot %s", chain->name);
+
+    return merge_run_idle(ctx, chain, what, snapshot_idle, (void *)file,
+                          error);
 }

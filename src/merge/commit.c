@@ -319,6 +319,7 @@ typedef struct {
     OnErrorPolicy policy;
     uint64_t start;
     uint64_t size;
+    uint64_t offline_speed; /* bytes/s offline (no job to limit it); 0 none */
 
     GMutex lock;          /* guards the fields below */
     GCond cond;           /* signalled when a window or a worker ends */
@@ -328,6 +329,7 @@ typedef struct {
     int running;          /* workers still running */
     bool stop;            /* a worker failed or saw cancel */
     int ret;              /* the first failure */
+    RateLimit limit;      /* offline_speed, shared by the workers */
 } CommitCopy;
 
 static void commit_copy_fail(CommitCopy *c, int ret)
@@ -337,6 +339,25 @@ static void commit_copy_fail(CommitCopy *c, int ret)
     if (!c->stop) {
         c->stop = true;
         c->ret = ret;
+    }
+}
+
+/* Offline, the workers keep to offline_speed together, as a job's
+ * rate limit would; a stop ends the wait. */
+static void commit_copy_offline_limit(CommitCopy *c, uint64_t bytes)
+{
+    for (;;) {
+        int64_t delay_ns;
+
+        g_mutex_lock(&c->lock);
+        delay_ns = c->stop ? 0 : ratelimit_delay(&c->limit, bytes,
+                                                 g_get_monotonic_time() * 1000);
+        g_mutex_unlock(&c->lock);
+        if (delay_ns <= 0) {
+            return;
+        }
+        /* At most 100 ms at a time, so that a stop is seen soon. */
+        g_usleep((gulong)MIN(delay_ns / 1000 + 1, 100 * 1000));
     }
 }
 
@@ -383,6 +404,8 @@ static int commit_copy_window(CommitCopy *c, uint64_t off, uint64_t end,
             job_add_copied(c->job, written);
             /* Cancelled: the window still ends (see above). */
             job_rate_limit(c->job, written);
+        } else if (written && c->offline_speed) {
+            commit_copy_offline_limit(c, written);
         }
     }
     return 0;
@@ -454,6 +477,7 @@ static int commit_copy_all(CommitCopy *c,
     c->prefix = c->start;
     c->done = g_new0(guint8, nwin + 1);
     c->running = 0;
+    ratelimit_init(&c->limit, c->offline_speed);
     for (int i = 0; i < COMMIT_WORKERS && (uint64_t)i < MAX(nwin, 1); i++) {
         g_mutex_lock(&c->lock);
         c->running++;
@@ -486,7 +510,7 @@ static int commit_copy_all(CommitCopy *c,
          * checkpoints' and the final flush of base then wait for little.
          * A speed limit leaves the disk to the guest instead, writing at
          * the checkpoints only. */
-        if (!c->job || !job_is_rate_limited(c->job)) {
+        if (c->job ? !job_is_rate_limited(c->job) : !c->offline_speed) {
             chain_image_start_writeback(c->base);
         }
         ret = tick ? tick(opaque, prefix) : 0;
@@ -1001,7 +1025,7 @@ bool merge_commit_offline(MergeContext *ctx, Chain *chain,
     {
         CommitCopy c = {
             .chain = chain, .top = plan.top, .base = plan.base,
-            .start = 0, .size = plan.size,
+            .start = 0, .size = plan.size, .offline_speed = opts->bandwidth,
         };
         OfflineTick t = { .progress = progress, .opaque = opaque,
                           .total = plan.size };

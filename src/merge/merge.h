@@ -80,7 +80,8 @@ bool merge_start_stream(MergeContext *ctx, Chain *chain,
 
 /*
  * Offline commit (chainctl on image files): the same copy in one pass,
- * driven from the calling thread.  progress(opaque, done, total), when
+ * driven from the calling thread, at most opts->bandwidth bytes per
+ * second when not 0.  progress(opaque, done, total), when
  * not NULL, is called there about every 100 ms; returning FALSE stops the
  * copy once the requests in flight end: the commit then fails with
  * ECANCELED before any backing reference is rewritten (base keeps part of

@@ -276,10 +276,7 @@ static int active_copy_next(ActiveJob *s, uint64_t *cursor, void *buf,
 static void active_start_mirror(ActiveJob *s)
 {
     chain_topo_wrlock(s->chain);
-    if (!s->serializing) {
-        s->chain->serialize_count++;
-        s->serializing = true;
-    }
+    merge_serialize_begin(s->chain, &s->serializing);
     g_mutex_lock(&s->dirty_lock);
     s->mirror = true;
     g_mutex_unlock(&s->dirty_lock);
@@ -447,6 +444,18 @@ static int active_run(Job *job)
     }
 }
 
+/* Guest writes stop reaching base and stop serialising.  Topology write
+ * lock held. */
+static void active_unhook(ActiveJob *s)
+{
+    if (s->hooked) {
+        s->chain->write_hook = NULL;
+        s->chain->write_hook_opaque = NULL;
+        s->hooked = false;
+    }
+    merge_serialize_end(s->chain, &s->serializing);
+}
+
 /* Pivot (step 4). */
 static int active_prepare(Job *job)
 {
@@ -509,13 +518,7 @@ static int active_prepare(Job *job)
         return -chainfs_error_errno(err);
     }
     merge_crash_point("active-pivot-recorded");
-    chain->write_hook = NULL;
-    chain->write_hook_opaque = NULL;
-    s->hooked = false;
-    if (s->serializing) {
-        chain->serialize_count--;
-        s->serializing = false;
-    }
+    active_unhook(s);
     for (int i = 0; i < base_idx; i++) {
         g_ptr_array_remove(s->reopened, chain_layer(chain, (guint)i));
     }
@@ -532,14 +535,7 @@ static int active_prepare(Job *job)
 
 static void active_abort(Job *job)
 {
-    ActiveJob *s = active_job(job);
-    g_autoptr(GError) err = NULL;
-
-    if (!job_is_interrupted(job) &&
-        !checkpoint_clear(image_set_dir(s->chain->set), s->chain->name,
-                          &err)) {
-        g_message("%s: %s", s->chain->name, err->message);
-    }
+    merge_forget_unless_interrupted(job, active_job(job)->chain);
 }
 
 /* Step 5, and the end of every active commit. */
@@ -549,15 +545,7 @@ static void active_clean(Job *job)
     Chain *chain = s->chain;
 
     chain_topo_wrlock(chain);
-    if (s->hooked) {
-        chain->write_hook = NULL;
-        chain->write_hook_opaque = NULL;
-        s->hooked = false;
-    }
-    if (s->serializing) {
-        chain->serialize_count--;
-        s->serializing = false;
-    }
+    active_unhook(s);
     merge_reopen_ro(chain, s->reopened);
     chain_topo_unlock(chain);
 }

@@ -78,6 +78,14 @@ bool merge_reopen_rw(ChainImage *img, GPtrArray *reopened, GError **error);
 void merge_reopen_ro(Chain *chain, GPtrArray *reopened);
 /* Unlink the files names of dir (delete). */
 void merge_unlink_dropped(const char *dir, char **names);
+/* Serialise guest writes against a job's copy, or stop to, once per job:
+ * *serializing says whether this job raised chain->serialize_count.
+ * Topology write lock held (it drains the requests in flight). */
+void merge_serialize_begin(Chain *chain, bool *serializing);
+void merge_serialize_end(Chain *chain, bool *serializing);
+/* A stopped job's checkpoint is cleared, so that it does not resume,
+ * unless a shutdown interrupted the job: then the next mount resumes it. */
+void merge_forget_unless_interrupted(Job *job, Chain *chain);
 /* An id for a new job. */
 char *merge_context_next_id(MergeContext *ctx, const char *type);
 

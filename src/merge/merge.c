@@ -589,3 +589,29 @@ void merge_unlink_dropped(const char *dir, char **names)
         }
     }
 }
+
+void merge_serialize_begin(Chain *chain, bool *serializing)
+{
+    if (!*serializing) {
+        chain->serialize_count++;
+        *serializing = true;
+    }
+}
+
+void merge_serialize_end(Chain *chain, bool *serializing)
+{
+    if (*serializing) {
+        chain->serialize_count--;
+        *serializing = false;
+    }
+}
+
+void merge_forget_unless_interrupted(Job *job, Chain *chain)
+{
+    g_autoptr(GError) err = NULL;
+
+    if (!job_is_interrupted(job) &&
+        !checkpoint_clear(image_set_dir(chain->set), chain->name, &err)) {
+        g_message("%s: %s", chain->name, err->message);
+    }
+}

@@ -141,8 +141,7 @@ static int stream_run(Job *job)
     uint64_t off = 0;
 
     chain_topo_wrlock(s->chain);
-    s->chain->serialize_count++;
-    s->serializing = true;
+    merge_serialize_begin(s->chain, &s->serializing);
     chain_topo_unlock(s->chain);
 
     job_set_progress(job, 0, s->size);
@@ -231,8 +230,7 @@ static int stream_prepare(Job *job)
     if (base_idx > 1) {
         chain_drop_layers(chain, 1, (guint)base_idx - 1);
     }
-    chain->serialize_count--;
-    s->serializing = false;
+    merge_serialize_end(chain, &s->serializing);
     if (!checkpoint_record_dropped(dir, chain->name, s->layers, NULL, &err)) {
         g_message("%s: cannot record the dropped layers: %s", chain->name,
                   err->message);
@@ -249,16 +247,8 @@ static int stream_prepare(Job *job)
 
 static void stream_abort(Job *job)
 {
-    StreamJob *s = stream_job(job);
-    g_autoptr(GError) err = NULL;
-
-    /* What was streamed stays valid in the active layer.  A stream the
-     * user stopped is not resumed; a shutdown's is, at the next mount. */
-    if (!job_is_interrupted(job) &&
-        !checkpoint_clear(image_set_dir(s->chain->set), s->chain->name,
-                          &err)) {
-        g_message("%s: %s", s->chain->name, err->message);
-    }
+    /* What was streamed stays valid in the active layer. */
+    merge_forget_unless_interrupted(job, stream_job(job)->chain);
 }
 
 static void stream_clean(Job *job)
@@ -267,8 +257,7 @@ static void stream_clean(Job *job)
 
     if (s->serializing) {
         chain_topo_wrlock(s->chain);
-        s->chain->serialize_count--;
-        s->serializing = false;
+        merge_serialize_end(s->chain, &s->serializing);
         chain_topo_unlock(s->chain);
     }
 }

@@ -452,9 +452,10 @@ def test_offline_commit_sigint_stops_cleanly(image_dir, tmp_path, mountpoint):
 
 def test_offline_commit_keeps_to_bandwidth(image_dir, tmp_path):
     """--bandwidth holds an offline commit back too: at 2 MiB/s a commit of
-    about 40 MiB is still copying when the first bytes reach base, and a
-    Ctrl-C then stops it short of the end (unlimited, it ends in well under
-    a second).  The chain still reads as before, and the commit reissued
+    about 40 MiB is still copying a second after the first bytes reach
+    base, and a Ctrl-C then stops it short of the end (unlimited, it ends
+    in well under a second), base having grown by no more than the limit
+    allows.  The chain still reads as before, and the commit reissued
     without a limit completes."""
     names = build_chain(image_dir, size=64 * MiB, big=32 * MiB, big_layer="snap2.qcow2")
     top = _image(image_dir, names[-1])
@@ -463,6 +464,7 @@ def test_offline_commit_keeps_to_bandwidth(image_dir, tmp_path):
     qemu_img("convert", "-O", "raw", top, original)
     base_blocks = os.stat(base).st_blocks
 
+    t0 = time.monotonic()
     proc = subprocess.Popen([CHAINCTL, "commit", top, "--bandwidth", "2"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             stdin=subprocess.DEVNULL)
@@ -471,8 +473,11 @@ def test_offline_commit_keeps_to_bandwidth(image_dir, tmp_path):
                  timeout=30, what="chainctl catching SIGINT")
         wait_for(lambda: proc.poll() is not None or os.stat(base).st_blocks > base_blocks,
                  timeout=30, what="the copy into base")
+        # A second of copying at the limit, to compare with below.
+        time.sleep(1)
         assert proc.poll() is None, "the limited commit ended at once"
         proc.send_signal(signal.SIGINT)
+        elapsed = time.monotonic() - t0
         out, err = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:
@@ -482,6 +487,12 @@ def test_offline_commit_keeps_to_bandwidth(image_dir, tmp_path):
     assert proc.returncode == 1, (out, err)
     m = re.search(r"stopped at offset (\d+) of (\d+) bytes", err)
     assert m and int(m.group(1)) < int(m.group(2)), err
+    # Nor faster than the limit: what base grew by is at most 2 MiB/s since
+    # the start, plus the first window of each of the three workers (each
+    # writes before it asks the limiter), their windows in flight at the
+    # stop, and 1 MiB for metadata.  (A slow machine only writes less.)
+    grown = (os.stat(base).st_blocks - base_blocks) * 512
+    assert grown <= 2 * MiB * elapsed + 7 * MiB, (grown, elapsed, err)
     for n in names:
         qemu_img("check", _image(image_dir, n))
     qemu_img_compare(top, original, fmt_b="raw")

@@ -264,6 +264,7 @@ def test_snapshot_and_job_start_race(image_dir, mountpoint):
         model = bytearray(f.read())
     with mounted(image_dir, mountpoint) as m:
         exp = m.path("vm")
+        ctl = m.path(".control")
         for rnd in range(20):
             if len(chain_info(exp)["layers"]) == 1:
                 # a pivot left base alone: give the commit a layer to race for
@@ -275,27 +276,40 @@ def test_snapshot_and_job_start_race(image_dir, mountpoint):
             results = {}
             gate = threading.Barrier(2)
 
-            def ask(name, value, delay):
+            def snapshot(delay):
                 gate.wait()
                 threading.Event().wait(delay)
-                results[name] = setxattr_errno(exp, name, value)
+                results["snapshot"] = setxattr_errno(exp, "user.chainfs.snapshot",
+                                                     "r%d.qcow2" % rnd)
 
-            threads = [threading.Thread(target=ask, args=(
-                           "user.chainfs.snapshot", "r%d.qcow2" % rnd, rng.random() / 1000)),
-                       threading.Thread(target=ask, args=(
-                           "user.chainfs.commit", "active delete", rng.random() / 1000))]
+            def commit(delay):
+                # Through the control file: the kernel serialises the
+                # setxattr calls on one file, so both as xattrs never overlap.
+                gate.wait()
+                threading.Event().wait(delay)
+                fd = os.open(ctl, os.O_WRONLY)
+                try:
+                    os.write(fd, b"commit vm active delete")
+                    results["commit"] = 0
+                except OSError as e:
+                    results["commit"] = e.errno
+                finally:
+                    os.close(fd)
+
+            threads = [threading.Thread(target=snapshot, args=(rng.random() / 1000,)),
+                       threading.Thread(target=commit, args=(rng.random() / 1000,))]
             for t in threads:
                 t.start()
             for t in threads:
                 t.join()
             assert set(results.values()) <= {0, errno.EBUSY}, results
             assert 0 in results.values(), results
-            if results["user.chainfs.commit"] == 0:
+            if results["commit"] == 0:
                 wait_job(exp, states=("ready",), timeout=60)
                 setxattr(exp, "user.chainfs.job.pivot")
                 info = wait_job(exp, states=("completed",), timeout=60)
                 assert info["type"] == "active-commit", info
-                if results["user.chainfs.snapshot"] == 0:
+                if results["snapshot"] == 0:
                     # both went through: the commit started after the
                     # snapshot, on the snapshot's layer
                     assert info["top"] == "r%d.qcow2" % rnd, (info, results)

@@ -385,9 +385,9 @@ bool chain_image_reopen(ChainImage *img, bool writable, GError **error)
 
 void chain_image_start_writeback(ChainImage *img)
 {
-    if (img->writable) {
-        (void)sync_file_range(img->fd, 0, 0, SYNC_FILE_RANGE_WRITE);
-    }
+    /* img->fd keeps its number across a reopen (dup3), and write-back
+     * needs no write access: no lock needed. */
+    (void)sync_file_range(img->fd, 0, 0, SYNC_FILE_RANGE_WRITE);
 }
 
 static void chain_release_layers(ImageSet *set, GPtrArray *layers)

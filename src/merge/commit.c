@@ -308,6 +308,8 @@ out:
  */
 #define COMMIT_WORKERS 3
 #define COMMIT_WINDOW ((uint64_t)MERGE_CHUNK)
+/* How often the copying thread reports progress and starts write-back. */
+#define COMMIT_TICK_US (100 * 1000)
 /* Wait before retrying a range whose error on-error=ignore let pass. */
 #define COMMIT_RETRY_US (G_USEC_PER_SEC / 2)
 
@@ -470,6 +472,7 @@ static int commit_copy_all(CommitCopy *c,
     uint64_t nwin = (c->size - c->start + COMMIT_WINDOW - 1) / COMMIT_WINDOW;
     int nworkers = 0, ret;
     uint64_t prefix;
+    gint64 next_tick;
 
     g_mutex_init(&c->lock);
     g_cond_init(&c->cond);
@@ -500,10 +503,16 @@ static int commit_copy_all(CommitCopy *c,
         commit_copy_worker(c);
     }
 
+    next_tick = g_get_monotonic_time() + COMMIT_TICK_US;
     g_mutex_lock(&c->lock);
     while (c->running > 0) {
-        g_cond_wait_until(&c->cond, &c->lock,
-                          g_get_monotonic_time() + 100 * 1000);
+        /* Woken at each window's end: only the last worker's matters
+         * before the next tick is due. */
+        g_cond_wait_until(&c->cond, &c->lock, next_tick);
+        if (c->running > 0 && g_get_monotonic_time() < next_tick) {
+            continue;
+        }
+        next_tick = g_get_monotonic_time() + COMMIT_TICK_US;
         prefix = c->prefix;
         g_mutex_unlock(&c->lock);
         /* Unlimited, keep the disk writing while the workers copy: the

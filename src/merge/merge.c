@@ -6,6 +6,8 @@
  * Locks, outermost first: MergeSlot.lock (the chain's job pointer), then
  * Job.lock (the job's state), then a chain's topology lock.  A verb holds
  * the slot lock only while it talks to the job; it never waits for I/O.
+ * Starting a job and a live snapshot hold it throughout (they wait for
+ * image creation and flushes), so that neither runs into the other.
  */
 #define G_LOG_DOMAIN "chainfs"
 
@@ -189,12 +191,12 @@ static bool merge_start_job(MergeContext *ctx, Chain *chain,
         return false;
     }
     if (!job_start(job, error)) {
-        g_autoptr(GError) err = NULL;
-
         /* create() recorded the job for the next mount; the user is told
-         * it failed, so the next mount must not start it. */
-        if (!checkpoint_clear(image_set_dir(chain->set), chain->name, &err)) {
-            g_message("%s: %s", chain->name, err->message);
+         * it failed, so it ends as a job cancelled before it copied
+         * anything: not resumed at the next mount, and a commit keeps the
+         * offset it would have resumed from. */
+        if (job->driver->abort) {
+            job->driver->abort(job);
         }
         if (job->driver->clean) {
             job->driver->clean(job);

@@ -139,17 +139,6 @@ static bool snapshot_idle(Chain *chain, void *opaque, GError **error)
     uint64_t size;
     int ret;
 
-    if (!file || file[0] == '\0' || strchr(file, '/') ||
-        strcmp(file, ".") == 0 || strcmp(file, "..") == 0) {
-        chainfs_set_error(error, EINVAL,
-                          "snapshot file \"%s\" must be a file name in the "
-                          "image directory", file ? file : "");
-        return false;
-    }
-    if (strcmp(file, CHAINFS_STATE_FILE) == 0) {
-        chainfs_set_error(error, EINVAL, "%s is chainfs's state file", file);
-        return false;
-    }
     /* The active layer as it is now; checked again under the lock. */
     chain_topo_rdlock(chain);
     old_top = chain_layer(chain, 0);
@@ -242,8 +231,21 @@ fail_forget:
 bool merge_snapshot(MergeContext *ctx, Chain *chain, const char *file,
                     GError **error)
 {
-    g_autofree char *what = g_strdup_printf("snapshot %s", chain->name);
+    g_autofree char *what = NULL;
 
+    /* A bad name is refused as such, job or not. */
+    if (!file || file[0] == '\0' || strchr(file, '/') ||
+        strcmp(file, ".") == 0 || strcmp(file, "..") == 0) {
+        chainfs_set_error(error, EINVAL,
+                          "snapshot file \"%s\" must be a file name in the "
+                          "image directory", file ? file : "");
+        return false;
+    }
+    if (strcmp(file, CHAINFS_STATE_FILE) == 0) {
+        chainfs_set_error(error, EINVAL, "%s is chainfs's state file", file);
+        return false;
+    }
+    what = g_strdup_printf("snapshot %s", chain->name);
     return merge_run_idle(ctx, chain, what, snapshot_idle, (void *)file,
                           error);
 }

@@ -287,6 +287,41 @@ def test_commit_refused_when_base_cannot_be_written(image_dir, mountpoint):
     assert before["snap1.qcow2"] == after["snap1.qcow2"]
 
 
+def test_dirty_backing_layer_is_read_but_never_written(image_dir, mountpoint, tmp_path):
+    """A backing file QEMU left dirty (lazy refcounts, process killed: its
+    refcounts are stale) serves reads, as QEMU serves them; a commit into
+    it is refused with the reason and changes nothing; a stream, which
+    only reads it, goes through."""
+    base = image_dir / "base.qcow2"
+    create_qcow2(base, SIZE, extra_opts=["lazy_refcounts=on"])
+    # qemu-io's abort leaves the dirty bit set and the refcounts unwritten.
+    r = run(["qemu-io", "-f", "qcow2", "-c", "write -P 0x5a 0 4M", "-c", "abort", str(base)],
+            check=False)
+    assert r.returncode != 0
+    assert qemu_img("check", base, check=False).returncode != 0  # stale refcounts
+    create_qcow2(image_dir / "vm1.qcow2", backing="base.qcow2", backing_fmt="qcow2")
+    qemu_io(image_dir / "vm1.qcow2", "write -P 0x21 1M 1M")
+    expected = to_raw(image_dir / "vm1.qcow2", tmp_path / "expected.raw")
+    before = dir_hashes(image_dir)
+    with mounted(image_dir, mountpoint) as m:
+        exp = m.path("vm1")
+        with open(exp, "rb") as f, open(expected, "rb") as e:
+            assert f.read() == e.read()
+        err, msg = command(exp, "commit", "active")
+        assert err in (errno.EACCES, errno.EROFS), (err, msg)  # design.md: cannot be written
+        assert "base.qcow2" in msg and "dirty" in msg and "qemu-img check" in msg, msg
+        assert job_info(exp) == {}
+        assert dir_hashes(image_dir) == before
+        start(exp, "stream")
+        assert wait_state(exp, ("completed", "failed"))["state"] == "completed"
+        assert layer_files(exp) == ["vm1.qcow2"]
+        with open(exp, "rb") as f, open(expected, "rb") as e:
+            assert f.read() == e.read()
+    assert dir_hashes(image_dir)["base.qcow2"] == before["base.qcow2"]
+    qemu_img_check(image_dir / "vm1.qcow2")
+    qemu_img_compare(image_dir / "vm1.qcow2", expected, fmt_b="raw")
+
+
 def test_jobs_on_two_chains_in_parallel(image_dir, mountpoint):
     make_chain(image_dir, depth=3, size=SIZE, base_fmt="qcow2", seed=91,
                prefix="a-", top_name="vm1.qcow2")

@@ -83,6 +83,7 @@ static void image_close_now(ChainImage *img)
     g_free(img->dir);
     g_free(img->backing_ref);
     g_free(img->backing_fmt);
+    g_free(img->read_only_reason);
     g_free(img);
 }
 
@@ -251,6 +252,7 @@ static ChainImage *set_open_locked(ImageSet *set, const char *canon,
         g_free(img->dir);
         g_free(img->backing_ref);
         g_free(img->backing_fmt);
+        g_free(img->read_only_reason);
         g_free(img);
         return NULL;
     }
@@ -328,6 +330,10 @@ bool chain_image_reopen(ChainImage *img, bool writable, GError **error)
 {
     if (img->writable == writable) {
         return true;
+    }
+    if (writable && img->read_only_reason) {
+        chainfs_set_error(error, EOPNOTSUPP, "%s", img->read_only_reason);
+        return false;
     }
 
     int fd = open(img->path, (writable ? O_RDWR : O_RDONLY) | O_CLOEXEC);

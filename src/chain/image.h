@@ -50,6 +50,11 @@ struct ChainImage {
     int fd;            /* O_RDONLY or O_RDWR; see writable */
     bool writable;     /* opened read-write (changed only by reopen) */
     bool direct;       /* reserved: fd has O_DIRECT */
+    /* Why the image may be read but never written (a qcow2 dirty or
+     * corrupt bit, as QEMU allows): set by the driver's open, which
+     * refuses such an image read-write; chain_image_reopen refuses it
+     * read-write with this message.  NULL when it may be written. */
+    char *read_only_reason;
 
     /*
      * Sizes.  virtual_size changes only through drv->grow(), which runs with

@@ -197,19 +197,30 @@ static bool qcow2_check_features(ChainImage *img, BDRVQcow2State *s,
                           img->path, crypt);
         return false;
     }
-    if (s->incompat & QCOW2_INCOMPAT_CORRUPT) {
-        chainfs_set_error(error, EOPNOTSUPP,
-                          "%s: qcow2 image is marked corrupt (corrupt bit "
-                          "set); repair it with 'qemu-img check -r all'",
-                          img->path);
-        return false;
-    }
-    if (s->incompat & QCOW2_INCOMPAT_DIRTY) {
-        chainfs_set_error(error, EOPNOTSUPP,
-                          "%s: qcow2 image is dirty (lazy refcounts were not "
-                          "written back); run 'qemu-img check -r all %s' first",
-                          img->path, img->path);
-        return false;
+    /* Both bits leave the mapping (L1, L2) readable but the refcounts
+     * untrustworthy: like QEMU, read such an image, never write it.  (QEMU
+     * repairs a dirty image it opens read-write; we leave that to
+     * qemu-img check.) */
+    if (s->incompat & (QCOW2_INCOMPAT_CORRUPT | QCOW2_INCOMPAT_DIRTY)) {
+        g_autofree char *why = NULL;
+
+        if (s->incompat & QCOW2_INCOMPAT_CORRUPT) {
+            why = g_strdup_printf("%s: qcow2 image is marked corrupt (corrupt "
+                                  "bit set) and cannot be written; repair it "
+                                  "with 'qemu-img check -r all %s'",
+                                  img->path, img->path);
+        } else {
+            why = g_strdup_printf("%s: qcow2 image is dirty (lazy refcounts "
+                                  "were not written back) and cannot be "
+                                  "written; run 'qemu-img check -r all %s' "
+                                  "first", img->path, img->path);
+        }
+        if (img->writable) {
+            chainfs_set_error(error, EOPNOTSUPP, "%s", why);
+            return false;
+        }
+        g_free(img->read_only_reason);
+        img->read_only_reason = g_steal_pointer(&why);
     }
     if (s->incompat & QCOW2_INCOMPAT_DATA_FILE) {
         chainfs_set_error(error, EOPNOTSUPP,

@@ -122,7 +122,7 @@ static void ctl_commit_options(const CtlCommitArgs *a, Chain *chain,
     opts->delete_dropped = a->delete_dropped;
     opts->keep_relative = a->keep_relative;
     opts->force = a->force;
-    opts->bandwidth = a->has_bandwidth ? a->bandwidth : 0;
+    opts->bandwidth = a->run.has_bandwidth ? a->run.bandwidth : 0;
     opts->on_error = ON_ERROR_REPORT;
 }
 
@@ -184,13 +184,13 @@ int ctl_offline_commit(const char *path, const CtlCommitArgs *a)
     /* Ctrl-C from here on stops the copy; the flag is set before the copy
      * starts too, and acted on at its first tick. */
     ctl_catch_sigint(true);
-    if (a->verbose) {
+    if (a->run.verbose) {
         ctl_progress_init(&progress, "Block Commit");
     }
     ok = merge_commit_offline(o.merge, o.chain, &opts,
                               ctl_offline_commit_progress,
-                              a->verbose ? &progress : NULL, &err);
-    if (a->verbose) {
+                              a->run.verbose ? &progress : NULL, &err);
+    if (a->run.verbose) {
         if (ok) {
             ctl_progress_update(&progress, 1, 1);
         }
@@ -229,7 +229,7 @@ int ctl_offline_stream(const char *path, const CtlStreamArgs *a)
         return CTL_EXIT_FAIL;
     }
     opts.base = ctl_layer_name(a->base);
-    opts.bandwidth = a->has_bandwidth ? a->bandwidth : 0;
+    opts.bandwidth = a->run.has_bandwidth ? a->run.bandwidth : 0;
     opts.on_error = ON_ERROR_REPORT;
     ctl_catch_sigint(false);
     if (!merge_start_stream(o.merge, o.chain, &opts, &err)) {
@@ -237,10 +237,10 @@ int ctl_offline_stream(const char *path, const CtlStreamArgs *a)
         return ctl_fail("%s", err->message);
     }
     stream_options_clear(&opts);
-    if (a->timeout > 0) {
-        deadline = g_get_monotonic_time() + (gint64)(a->timeout * 1e6);
+    if (a->run.timeout > 0) {
+        deadline = g_get_monotonic_time() + (gint64)(a->run.timeout * 1e6);
     }
-    if (a->verbose) {
+    if (a->run.verbose) {
         ctl_progress_init(&progress, "Block Pull");
     }
     for (;;) {
@@ -256,7 +256,7 @@ int ctl_offline_stream(const char *path, const CtlStreamArgs *a)
             error = json_get_member(info, "error");
             break;
         }
-        if (a->verbose) {
+        if (a->run.verbose) {
             json_get_uint(info, "offset", &done);
             json_get_uint(info, "len", &total);
             ctl_progress_update(&progress, done, total);
@@ -271,7 +271,7 @@ int ctl_offline_stream(const char *path, const CtlStreamArgs *a)
         }
         ctl_nap(50);
     }
-    if (a->verbose) {
+    if (a->run.verbose) {
         if (g_strcmp0(state, "completed") == 0) {
             ctl_progress_update(&progress, 1, 1);
         }
@@ -284,7 +284,7 @@ int ctl_offline_stream(const char *path, const CtlStreamArgs *a)
     if (cancelled) {
         if (timed_out) {
             return ctl_fail("timed out after %g s: stream cancelled",
-                            a->timeout);
+                            a->run.timeout);
         }
         return ctl_fail("interrupted: stream cancelled");
     }

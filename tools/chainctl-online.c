@@ -355,6 +355,66 @@ static int ctl_start_job(const char *path, const char *attr,
     return CTL_EXIT_OK;
 }
 
+/*
+ * Wait as w says (path, id, stop_at_*, cancel set) until the job settles,
+ * showing progress under label when verbose and giving up timeout seconds
+ * from now (0: never).  Returns -1 once it settled, *j its status; else
+ * the exit status, the message printed.  A further wait on w keeps the
+ * deadline and is quiet.
+ */
+static int ctl_wait_settled(CtlWait *w, const char *label, bool verbose,
+                            double timeout, CtlJob *j)
+{
+    g_autofree char *name = ctl_export_name(w->path);
+    CtlProgress progress;
+    CtlWaitResult wr;
+
+    if (timeout > 0) {
+        w->deadline = ctl_now() + timeout;
+    }
+    if (verbose) {
+        ctl_progress_init(&progress, label);
+        w->progress = &progress;
+    }
+    wr = ctl_wait_job(w, j);
+    w->progress = NULL; /* progress ends here, with this function */
+    if (wr != CTL_WAIT_SETTLED) {
+        return ctl_wait_failed(wr, w, timeout, name);
+    }
+    return -1;
+}
+
+/*
+ * Start a job with one command, then do as run says: without wait print
+ * "LABEL started" and leave the job running; else wait until it settles
+ * (w->stop_at_ready set by the caller), cancelling it on timeout or
+ * Ctrl-C.  *id gets the job's id, which w then points to.  Returns -1
+ * once the job settled, *j its status; else the exit status.
+ */
+static int ctl_run_job(const char *path, const char *attr, const char *words,
+                       const char *label, const CtlRunArgs *run, CtlWait *w,
+                       char **id, CtlJob *j)
+{
+    int r;
+
+    if (run->wait) {
+        /* Catch Ctrl-C before the job exists: no window to lose it in. */
+        ctl_catch_sigint(false);
+    }
+    r = ctl_start_job(path, attr, words, id);
+    if (r != CTL_EXIT_OK) {
+        return r;
+    }
+    if (!run->wait) {
+        printf("%s started\n", label);
+        return CTL_EXIT_OK;
+    }
+    w->path = path;
+    w->id = *id;
+    w->cancel = true;
+    return ctl_wait_settled(w, label, run->verbose, run->timeout, j);
+}
+
 /* ---- info ---------------------------------------------------------- */
 
 static void ctl_print_job_line(const CtlJob *j)
@@ -432,8 +492,8 @@ static char *ctl_commit_words(const CtlCommitArgs *a)
     if (a->force) {
         g_string_append(w, " force");
     }
-    if (a->has_bandwidth) {
-        g_string_append_printf(w, " bandwidth=%" PRIu64, a->bandwidth);
+    if (a->run.has_bandwidth) {
+        g_string_append_printf(w, " bandwidth=%" PRIu64, a->run.bandwidth);
     }
     if (w->len > 0) {
         g_string_erase(w, 0, 1);
@@ -527,11 +587,11 @@ static int ctl_online_commit_dry_run(const char *path, const CtlCommitArgs *a)
 
 int ctl_online_commit(const char *path, const CtlCommitArgs *a)
 {
+    const char *label = a->active ? "Active Block Commit" : "Block Commit";
     g_autofree char *words = NULL;
     g_autofree char *id = NULL;
     g_autofree char *name = ctl_export_name(path);
     g_auto(CtlJob) j = { 0 };
-    CtlProgress progress;
     CtlWait w = { 0 };
     CtlWaitResult wr;
     int r;
@@ -540,34 +600,10 @@ int ctl_online_commit(const char *path, const CtlCommitArgs *a)
         return ctl_online_commit_dry_run(path, a);
     }
     words = ctl_commit_words(a);
-    if (a->wait) {
-        /* Catch Ctrl-C before the job exists: no window to lose it in. */
-        ctl_catch_sigint(false);
-    }
-    r = ctl_start_job(path, "commit", words, &id);
-    if (r != CTL_EXIT_OK) {
-        return r;
-    }
-    if (!a->wait) {
-        printf("%s started\n", a->active ? "Active Block Commit"
-                                         : "Block Commit");
-        return CTL_EXIT_OK;
-    }
-    w.path = path;
-    w.id = id;
     w.stop_at_ready = a->active;
-    w.cancel = true;
-    if (a->timeout > 0) {
-        w.deadline = ctl_now() + a->timeout;
-    }
-    if (a->verbose) {
-        ctl_progress_init(&progress, a->active ? "Active Block Commit"
-                                               : "Block Commit");
-        w.progress = &progress;
-    }
-    wr = ctl_wait_job(&w, &j);
-    if (wr != CTL_WAIT_SETTLED) {
-        return ctl_wait_failed(wr, &w, a->timeout, name);
+    r = ctl_run_job(path, "commit", words, label, &a->run, &w, &id, &j);
+    if (r >= 0) {
+        return r;
     }
     if (g_strcmp0(j.state, "completed") == 0) {
         printf("Commit complete\n");
@@ -585,13 +621,13 @@ int ctl_online_commit(const char *path, const CtlCommitArgs *a)
     if (r != CTL_EXIT_OK) {
         return r;
     }
+    /* The deadline of the first wait holds: --timeout counts from the
+     * start.  A pivot asked for must not turn into a cancel on Ctrl-C. */
     w.stop_at_ready = false;
-    w.progress = NULL;
-    /* A pivot asked for must not turn into a cancel on Ctrl-C. */
     w.cancel = false;
     wr = ctl_wait_job(&w, &j);
     if (wr != CTL_WAIT_SETTLED) {
-        return ctl_wait_failed(wr, &w, a->timeout, name);
+        return ctl_wait_failed(wr, &w, a->run.timeout, name);
     }
     if (a->pivot && g_strcmp0(j.state, "completed") == 0) {
         printf("Successfully pivoted\n");
@@ -612,42 +648,20 @@ int ctl_online_stream(const char *path, const CtlStreamArgs *a)
     g_autofree char *id = NULL;
     g_autofree char *name = ctl_export_name(path);
     g_auto(CtlJob) j = { 0 };
-    CtlProgress progress;
     CtlWait w = { 0 };
-    CtlWaitResult wr;
     int r;
 
     if (a->base) {
         g_string_append_printf(words, "base=%s", a->base);
     }
-    if (a->has_bandwidth) {
+    if (a->run.has_bandwidth) {
         g_string_append_printf(words, "%sbandwidth=%" PRIu64,
-                               words->len ? " " : "", a->bandwidth);
+                               words->len ? " " : "", a->run.bandwidth);
     }
-    if (a->wait) {
-        ctl_catch_sigint(false);
-    }
-    r = ctl_start_job(path, "stream", words->str, &id);
-    if (r != CTL_EXIT_OK) {
+    r = ctl_run_job(path, "stream", words->str, "Block Pull", &a->run, &w,
+                    &id, &j);
+    if (r >= 0) {
         return r;
-    }
-    if (!a->wait) {
-        printf("Block Pull started\n");
-        return CTL_EXIT_OK;
-    }
-    w.path = path;
-    w.id = id;
-    w.cancel = true;
-    if (a->timeout > 0) {
-        w.deadline = ctl_now() + a->timeout;
-    }
-    if (a->verbose) {
-        ctl_progress_init(&progress, "Block Pull");
-        w.progress = &progress;
-    }
-    wr = ctl_wait_job(&w, &j);
-    if (wr != CTL_WAIT_SETTLED) {
-        return ctl_wait_failed(wr, &w, a->timeout, name);
     }
     if (g_strcmp0(j.state, "completed") == 0) {
         printf("Pull complete\n");
@@ -663,9 +677,7 @@ int ctl_online_job(const char *path, const CtlJobArgs *a)
     g_autofree char *name = ctl_export_name(path);
     g_autofree char *id = NULL;
     g_auto(CtlJob) j = { 0 };
-    CtlProgress progress;
     CtlWait w = { 0 };
-    CtlWaitResult wr;
     int r = CTL_EXIT_OK;
 
     if (!ctl_job_read(path, &j)) {
@@ -724,16 +736,10 @@ int ctl_online_job(const char *path, const CtlJobArgs *a)
     w.stop_at_paused = a->verb == CTL_JOB_PAUSE;
     w.stop_at_ready = a->verb != CTL_JOB_PIVOT && a->verb != CTL_JOB_ABORT;
     w.cancel = false; /* chainctl job waits on a job it did not start */
-    if (a->timeout > 0) {
-        w.deadline = ctl_now() + a->timeout;
-    }
-    if (a->verbose) {
-        ctl_progress_init(&progress, ctl_job_label(j.type));
-        w.progress = &progress;
-    }
-    wr = ctl_wait_job(&w, &j);
-    if (wr != CTL_WAIT_SETTLED) {
-        return ctl_wait_failed(wr, &w, a->timeout, name);
+    r = ctl_wait_settled(&w, ctl_job_label(j.type), a->verbose, a->timeout,
+                         &j);
+    if (r >= 0) {
+        return r;
     }
     if (g_strcmp0(j.state, "failed") == 0) {
         return ctl_job_ended_badly(&j, name);

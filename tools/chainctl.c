@@ -462,6 +462,71 @@ static bool ctl_parse_timeout(const char *text, double *out)
     return true;
 }
 
+/* A rate option (--bandwidth, --speed); FALSE after the usage error. */
+static bool ctl_rate_option(GOptionContext *ctx, const char *option,
+                            const char *text, bool in_bytes, uint64_t *out)
+{
+    if (ctl_parse_rate(text, in_bytes, out)) {
+        return true;
+    }
+    ctl_usage_error(ctx, "bad --%s \"%s\": a number of MiB/s, or bytes with "
+                    "a K, M or G suffix", option, text);
+    return false;
+}
+
+/* --timeout; FALSE after the usage error. */
+static bool ctl_timeout_option(GOptionContext *ctx, const char *text,
+                               double *out)
+{
+    if (ctl_parse_timeout(text, out)) {
+        return true;
+    }
+    ctl_usage_error(ctx, "bad --timeout \"%s\": seconds, more than 0", text);
+    return false;
+}
+
+/* The options commit and stream share (CtlRunArgs), as GOption sets them. */
+typedef struct {
+    char *bandwidth;
+    gboolean bytes;
+    gboolean wait;
+    gboolean verbose;
+    char *timeout;
+    gboolean async;
+} CtlRunOptions;
+
+static void ctl_run_options_clear(CtlRunOptions *o)
+{
+    g_clear_pointer(&o->bandwidth, g_free);
+    g_clear_pointer(&o->timeout, g_free);
+}
+
+G_DEFINE_AUTO_CLEANUP_CLEAR_FUNC(CtlRunOptions, ctl_run_options_clear)
+
+/*
+ * Convert the shared options once the command has checked how they
+ * combine; --verbose and --timeout imply --wait.  FALSE after the usage
+ * error.
+ */
+static bool ctl_run_options_convert(GOptionContext *ctx,
+                                    const CtlRunOptions *o, CtlRunArgs *out)
+{
+    if (o->bandwidth) {
+        if (!ctl_rate_option(ctx, "bandwidth", o->bandwidth, o->bytes,
+                             &out->bandwidth)) {
+            return false;
+        }
+        out->has_bandwidth = true;
+    }
+    if (o->timeout && !ctl_timeout_option(ctx, o->timeout, &out->timeout)) {
+        return false;
+    }
+    out->wait = o->wait || o->verbose || o->timeout != NULL;
+    out->verbose = o->verbose;
+    out->async = o->async;
+    return true;
+}
+
 /*
  * Look at the target: 1 an export, 0 an image file; on failure print the
  * reason and return -1.
@@ -513,11 +578,10 @@ static int ctl_cmd_info(int argc, char **argv)
 static int ctl_cmd_commit(int argc, char **argv)
 {
     gboolean help = FALSE, shallow = FALSE, active = FALSE, del = FALSE;
-    gboolean keep_relative = FALSE, bytes = FALSE, dry_run = FALSE;
-    gboolean wait = FALSE, verbose = FALSE, pivot = FALSE;
-    gboolean keep_overlay = FALSE, async = FALSE, force = FALSE;
-    g_autofree char *top = NULL, *base = NULL, *bandwidth = NULL;
-    g_autofree char *timeout = NULL;
+    gboolean keep_relative = FALSE, dry_run = FALSE, pivot = FALSE;
+    gboolean keep_overlay = FALSE, force = FALSE;
+    g_autofree char *top = NULL, *base = NULL;
+    g_auto(CtlRunOptions) run = { 0 };
     GOptionEntry entries[] = {
         { "top", 0, 0, G_OPTION_ARG_STRING, &top,
           "Top layer to commit (default: the active layer)", "F" },
@@ -533,24 +597,24 @@ static int ctl_cmd_commit(int argc, char **argv)
           "Write the new backing reference as a relative path", NULL },
         { "force", 0, 0, G_OPTION_ARG_NONE, &force,
           "Commit into a base (or drop layers) that other chains use", NULL },
-        { "bandwidth", 0, 0, G_OPTION_ARG_STRING, &bandwidth,
+        { "bandwidth", 0, 0, G_OPTION_ARG_STRING, &run.bandwidth,
           "Speed limit in MiB/s (K, M, G suffixes: bytes)", "N" },
-        { "bytes", 0, 0, G_OPTION_ARG_NONE, &bytes,
+        { "bytes", 0, 0, G_OPTION_ARG_NONE, &run.bytes,
           "--bandwidth is in bytes per second", NULL },
         { "dry-run", 0, 0, G_OPTION_ARG_NONE, &dry_run,
           "Print the space the commit needs and change nothing", NULL },
-        { "wait", 0, 0, G_OPTION_ARG_NONE, &wait,
+        { "wait", 0, 0, G_OPTION_ARG_NONE, &run.wait,
           "Wait until the commit ends (active commit: until ready)", NULL },
-        { "verbose", 0, 0, G_OPTION_ARG_NONE, &verbose,
+        { "verbose", 0, 0, G_OPTION_ARG_NONE, &run.verbose,
           "Show progress (implies --wait)", NULL },
-        { "timeout", 0, 0, G_OPTION_ARG_STRING, &timeout,
+        { "timeout", 0, 0, G_OPTION_ARG_STRING, &run.timeout,
           "Cancel the job after S seconds and fail (implies --wait)", "S" },
         { "pivot", 0, 0, G_OPTION_ARG_NONE, &pivot,
           "Active commit: once ready, make base the active layer", NULL },
         { "keep-overlay", 0, 0, G_OPTION_ARG_NONE, &keep_overlay,
           "Active commit: once ready, end the job keeping the overlay",
           NULL },
-        { "async", 0, 0, G_OPTION_ARG_NONE, &async,
+        { "async", 0, 0, G_OPTION_ARG_NONE, &run.async,
           "Return as soon as the job has started", NULL },
         { "help", 'h', 0, G_OPTION_ARG_NONE, &help, "Show this help", NULL },
         { NULL },
@@ -580,32 +644,25 @@ static int ctl_cmd_commit(int argc, char **argv)
         return ctl_usage_error(ctx, "--%s needs --active",
                                pivot ? "pivot" : "keep-overlay");
     }
-    if (bytes && !bandwidth) {
+    if (run.bytes && !run.bandwidth) {
         return ctl_usage_error(ctx, "--bytes needs --bandwidth");
     }
-    if (async && (wait || verbose || timeout || pivot || keep_overlay)) {
+    if (run.async && (run.wait || run.verbose || run.timeout || pivot ||
+                      keep_overlay)) {
         return ctl_usage_error(ctx, "--async returns at once: it excludes "
                                "--wait, --verbose, --timeout, --pivot and "
                                "--keep-overlay");
     }
-    if (dry_run && (wait || verbose || timeout || pivot || keep_overlay ||
-                    async || del)) {
+    if (dry_run && (run.wait || run.verbose || run.timeout || pivot ||
+                    keep_overlay || run.async || del)) {
         return ctl_usage_error(ctx, "--dry-run starts nothing: it excludes "
                                "--wait, --verbose, --timeout, --pivot, "
                                "--keep-overlay, --async and --delete");
     }
-    if (bandwidth) {
-        if (!ctl_parse_rate(bandwidth, bytes, &a.bandwidth)) {
-            return ctl_usage_error(ctx, "bad --bandwidth \"%s\": a number of "
-                                   "MiB/s, or bytes with a K, M or G suffix",
-                                   bandwidth);
-        }
-        a.has_bandwidth = true;
+    if (!ctl_run_options_convert(ctx, &run, &a.run)) {
+        return CTL_EXIT_USAGE;
     }
-    if (timeout && !ctl_parse_timeout(timeout, &a.timeout)) {
-        return ctl_usage_error(ctx, "bad --timeout \"%s\": seconds, more than 0",
-                               timeout);
-    }
+    a.run.wait = a.run.wait || pivot || keep_overlay;
     a.top = top;
     a.base = base;
     a.shallow = shallow;
@@ -614,11 +671,8 @@ static int ctl_cmd_commit(int argc, char **argv)
     a.keep_relative = keep_relative;
     a.force = force;
     a.dry_run = dry_run;
-    a.verbose = verbose;
     a.pivot = pivot;
     a.keep_overlay = keep_overlay;
-    a.async = async;
-    a.wait = wait || verbose || timeout || pivot || keep_overlay;
 
     r = ctl_classify(argv[1]);
     if (r < 0) {
@@ -627,11 +681,11 @@ static int ctl_cmd_commit(int argc, char **argv)
     if (r) {
         return ctl_online_commit(argv[1], &a);
     }
-    if (pivot || keep_overlay || async || timeout) {
+    if (pivot || keep_overlay || run.async || run.timeout) {
         return ctl_usage_error(ctx, "--%s needs a mounted export; %s is an "
                                "image file, committed offline in one pass",
                                pivot ? "pivot" : keep_overlay ? "keep-overlay" :
-                               async ? "async" : "timeout", argv[1]);
+                               run.async ? "async" : "timeout", argv[1]);
     }
     return ctl_offline_commit(argv[1], &a);
 }
@@ -640,24 +694,24 @@ static int ctl_cmd_commit(int argc, char **argv)
 
 static int ctl_cmd_stream(int argc, char **argv)
 {
-    gboolean help = FALSE, bytes = FALSE, wait = FALSE, verbose = FALSE;
-    gboolean async = FALSE;
-    g_autofree char *base = NULL, *bandwidth = NULL, *timeout = NULL;
+    gboolean help = FALSE;
+    g_autofree char *base = NULL;
+    g_auto(CtlRunOptions) run = { 0 };
     GOptionEntry entries[] = {
         { "base", 0, 0, G_OPTION_ARG_STRING, &base,
           "Keep F (and below) as backing; pull only the layers above it",
           "F" },
-        { "bandwidth", 0, 0, G_OPTION_ARG_STRING, &bandwidth,
+        { "bandwidth", 0, 0, G_OPTION_ARG_STRING, &run.bandwidth,
           "Speed limit in MiB/s (K, M, G suffixes: bytes)", "N" },
-        { "bytes", 0, 0, G_OPTION_ARG_NONE, &bytes,
+        { "bytes", 0, 0, G_OPTION_ARG_NONE, &run.bytes,
           "--bandwidth is in bytes per second", NULL },
-        { "wait", 0, 0, G_OPTION_ARG_NONE, &wait,
+        { "wait", 0, 0, G_OPTION_ARG_NONE, &run.wait,
           "Wait until the stream ends", NULL },
-        { "verbose", 0, 0, G_OPTION_ARG_NONE, &verbose,
+        { "verbose", 0, 0, G_OPTION_ARG_NONE, &run.verbose,
           "Show progress (implies --wait)", NULL },
-        { "timeout", 0, 0, G_OPTION_ARG_STRING, &timeout,
+        { "timeout", 0, 0, G_OPTION_ARG_STRING, &run.timeout,
           "Cancel the job after S seconds and fail (implies --wait)", "S" },
-        { "async", 0, 0, G_OPTION_ARG_NONE, &async,
+        { "async", 0, 0, G_OPTION_ARG_NONE, &run.async,
           "Return as soon as the job has started", NULL },
         { "help", 'h', 0, G_OPTION_ARG_NONE, &help, "Show this help", NULL },
         { NULL },
@@ -677,29 +731,17 @@ static int ctl_cmd_stream(int argc, char **argv)
     if (argc != 2) {
         return ctl_usage_error(ctx, "stream takes one MOUNTPOINT/NAME or IMAGE");
     }
-    if (bytes && !bandwidth) {
+    if (run.bytes && !run.bandwidth) {
         return ctl_usage_error(ctx, "--bytes needs --bandwidth");
     }
-    if (async && (wait || verbose || timeout)) {
+    if (run.async && (run.wait || run.verbose || run.timeout)) {
         return ctl_usage_error(ctx, "--async returns at once: it excludes "
                                "--wait, --verbose and --timeout");
     }
-    if (bandwidth) {
-        if (!ctl_parse_rate(bandwidth, bytes, &a.bandwidth)) {
-            return ctl_usage_error(ctx, "bad --bandwidth \"%s\": a number of "
-                                   "MiB/s, or bytes with a K, M or G suffix",
-                                   bandwidth);
-        }
-        a.has_bandwidth = true;
-    }
-    if (timeout && !ctl_parse_timeout(timeout, &a.timeout)) {
-        return ctl_usage_error(ctx, "bad --timeout \"%s\": seconds, more than 0",
-                               timeout);
+    if (!ctl_run_options_convert(ctx, &run, &a.run)) {
+        return CTL_EXIT_USAGE;
     }
     a.base = base;
-    a.verbose = verbose;
-    a.async = async;
-    a.wait = wait || verbose || timeout;
 
     r = ctl_classify(argv[1]);
     if (r < 0) {
@@ -708,7 +750,7 @@ static int ctl_cmd_stream(int argc, char **argv)
     if (r) {
         return ctl_online_stream(argv[1], &a);
     }
-    if (async) {
+    if (run.async) {
         return ctl_usage_error(ctx, "--async needs a mounted export; %s is an "
                                "image file", argv[1]);
     }
@@ -774,13 +816,11 @@ static int ctl_cmd_job(int argc, char **argv)
     if (json && nverbs == 1 && !info) {
         return ctl_usage_error(ctx, "--json goes with --info");
     }
-    if (speed && !ctl_parse_rate(speed, bytes, &a.speed)) {
-        return ctl_usage_error(ctx, "bad --speed \"%s\": a number of MiB/s, "
-                               "or bytes with a K, M or G suffix", speed);
+    if (speed && !ctl_rate_option(ctx, "speed", speed, bytes, &a.speed)) {
+        return CTL_EXIT_USAGE;
     }
-    if (timeout && !ctl_parse_timeout(timeout, &a.timeout)) {
-        return ctl_usage_error(ctx, "bad --timeout \"%s\": seconds, more than 0",
-                               timeout);
+    if (timeout && !ctl_timeout_option(ctx, timeout, &a.timeout)) {
+        return CTL_EXIT_USAGE;
     }
     a.verb = abort_ ? CTL_JOB_ABORT : pivot ? CTL_JOB_PIVOT :
              pause ? CTL_JOB_PAUSE : resume ? CTL_JOB_RESUME :

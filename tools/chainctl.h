@@ -27,6 +27,19 @@ enum {
     CTL_EXIT_USAGE = 2,
 };
 
+/*
+ * How a job that chainctl starts runs, from the options commit and stream
+ * both take: its speed limit, and whether and how chainctl waits for it.
+ */
+typedef struct {
+    bool has_bandwidth;
+    uint64_t bandwidth;    /* bytes per second, already converted */
+    bool wait;             /* also implied by verbose, timeout, pivot... */
+    bool verbose;
+    double timeout;        /* seconds, 0: none */
+    bool async;
+} CtlRunArgs;
+
 /* chainctl commit: every option of the synopsis (design.md). */
 typedef struct {
     char *top;             /* layer file name, NULL: active layer */
@@ -36,26 +49,16 @@ typedef struct {
     bool delete_dropped;
     bool keep_relative;
     bool force;
-    bool has_bandwidth;
-    uint64_t bandwidth;    /* bytes per second, already converted */
     bool dry_run;
-    bool wait;             /* also implied by verbose, timeout, pivot... */
-    bool verbose;
-    double timeout;        /* seconds, 0: none */
     bool pivot;
     bool keep_overlay;
-    bool async;
+    CtlRunArgs run;
 } CtlCommitArgs;
 
 /* chainctl stream. */
 typedef struct {
     char *base;
-    bool has_bandwidth;
-    uint64_t bandwidth;    /* bytes per second */
-    bool wait;
-    bool verbose;
-    double timeout;
-    bool async;
+    CtlRunArgs run;
 } CtlStreamArgs;
 
 /* chainctl job: exactly one verb (INFO when none was given). */

@@ -122,6 +122,134 @@ static bool options_set_bandwidth(uint64_t *field, const char *value,
     return true;
 }
 
+/* What one command made of one word. */
+typedef enum {
+    OPTIONS_WORD_APPLIED,
+    OPTIONS_WORD_REFUSED,   /* error set */
+    OPTIONS_WORD_UNKNOWN,   /* not a word of this command */
+} OptionsWordResult;
+
+/* Apply the word KEY=VALUE, or a bare KEY (value NULL), to opts. */
+typedef OptionsWordResult (*OptionsApplyWord)(void *opts, const char *key,
+                                              const char *value,
+                                              GError **error);
+
+static OptionsWordResult options_word_result(bool ok)
+{
+    return ok ? OPTIONS_WORD_APPLIED : OPTIONS_WORD_REFUSED;
+}
+
+/* base=, bandwidth= and on-error=, which commit and stream both take. */
+static OptionsWordResult options_apply_shared_word(const char *key,
+                                                   const char *value,
+                                                   char **base,
+                                                   uint64_t *bandwidth,
+                                                   OnErrorPolicy *on_error,
+                                                   GError **error)
+{
+    if (!value) {
+        return OPTIONS_WORD_UNKNOWN;
+    }
+    if (strcmp(key, "base") == 0) {
+        return options_word_result(options_set_string(base, key, value,
+                                                      error));
+    }
+    if (strcmp(key, "bandwidth") == 0) {
+        return options_word_result(options_set_bandwidth(bandwidth, value,
+                                                         error));
+    }
+    if (strcmp(key, "on-error") == 0) {
+        return options_word_result(options_parse_policy(value, on_error,
+                                                        error));
+    }
+    return OPTIONS_WORD_UNKNOWN;
+}
+
+/*
+ * Split words at blanks and hand each word to apply.  A word apply does
+ * not know refuses the whole command, naming the command and listing
+ * synopsis, the words it takes.
+ */
+static bool options_parse_words(const char *words, const char *command,
+                                const char *synopsis, OptionsApplyWord apply,
+                                void *opts, GError **error)
+{
+    g_auto(GStrv) list = g_strsplit_set(words ? words : "", " \t\n", -1);
+
+    for (guint i = 0; list[i]; i++) {
+        const char *w = list[i];
+        const char *eq = strchr(w, '=');
+        g_autofree char *key = NULL;
+
+        if (w[0] == '\0') {
+            continue;
+        }
+        key = eq ? g_strndup(w, (gsize)(eq - w)) : g_strdup(w);
+        switch (apply(opts, key, eq ? eq + 1 : NULL, error)) {
+        case OPTIONS_WORD_APPLIED:
+            break;
+        case OPTIONS_WORD_REFUSED:
+            return false;
+        case OPTIONS_WORD_UNKNOWN:
+            chainfs_set_error(error, EINVAL,
+                              "unknown %s word \"%s\" (words: %s)", command,
+                              w, synopsis);
+            return false;
+        }
+    }
+    return true;
+}
+
+/* The flag a bare commit word sets; NULL when it names none. */
+static bool *commit_options_flag(CommitOptions *opts, const char *key)
+{
+    if (strcmp(key, "shallow") == 0) {
+        return &opts->shallow;
+    }
+    if (strcmp(key, "active") == 0) {
+        return &opts->active;
+    }
+    if (strcmp(key, "delete") == 0) {
+        return &opts->delete_dropped;
+    }
+    if (strcmp(key, "keep-relative") == 0) {
+        return &opts->keep_relative;
+    }
+    if (strcmp(key, "force") == 0) {
+        return &opts->force;
+    }
+    return NULL;
+}
+
+static OptionsWordResult commit_options_apply_word(void *data, const char *key,
+                                                   const char *value,
+                                                   GError **error)
+{
+    CommitOptions *opts = data;
+    bool *flag = value ? NULL : commit_options_flag(opts, key);
+
+    if (flag) {
+        *flag = true;
+        return OPTIONS_WORD_APPLIED;
+    }
+    if (value && strcmp(key, "top") == 0) {
+        return options_word_result(options_set_string(&opts->top, key, value,
+                                                      error));
+    }
+    return options_apply_shared_word(key, value, &opts->base,
+                                     &opts->bandwidth, &opts->on_error, error);
+}
+
+static OptionsWordResult stream_options_apply_word(void *data, const char *key,
+                                                   const char *value,
+                                                   GError **error)
+{
+    StreamOptions *opts = data;
+
+    return options_apply_shared_word(key, value, &opts->base,
+                                     &opts->bandwidth, &opts->on_error, error);
+}
+
 /*
  * On entry opts is zeroed or cleared.  On success every word of words is
  * applied; on failure opts holds what was parsed so far (clear it).
@@ -129,56 +257,13 @@ static bool options_set_bandwidth(uint64_t *field, const char *value,
 bool commit_options_parse(const char *words, CommitOptions *opts,
                           GError **error)
 {
-    g_auto(GStrv) list = NULL;
-
     memset(opts, 0, sizeof(*opts));
-    list = g_strsplit_set(words ? words : "", " \t\n", -1);
-    for (guint i = 0; list[i]; i++) {
-        const char *w = list[i];
-        const char *eq = strchr(w, '=');
-        g_autofree char *key = NULL;
-        const char *value = NULL;
-
-        if (w[0] == '\0') {
-            continue;
-        }
-        key = eq ? g_strndup(w, (gsize)(eq - w)) : g_strdup(w);
-        value = eq ? eq + 1 : NULL;
-
-        if (strcmp(key, "top") == 0 && value) {
-            if (!options_set_string(&opts->top, key, value, error)) {
-                return false;
-            }
-        } else if (strcmp(key, "base") == 0 && value) {
-            if (!options_set_string(&opts->base, key, value, error)) {
-                return false;
-            }
-        } else if (strcmp(key, "bandwidth") == 0 && value) {
-            if (!options_set_bandwidth(&opts->bandwidth, value, error)) {
-                return false;
-            }
-        } else if (strcmp(key, "on-error") == 0 && value) {
-            if (!options_parse_policy(value, &opts->on_error, error)) {
-                return false;
-            }
-        } else if (!value && strcmp(key, "shallow") == 0) {
-            opts->shallow = true;
-        } else if (!value && strcmp(key, "active") == 0) {
-            opts->active = true;
-        } else if (!value && strcmp(key, "delete") == 0) {
-            opts->delete_dropped = true;
-        } else if (!value && strcmp(key, "keep-relative") == 0) {
-            opts->keep_relative = true;
-        } else if (!value && strcmp(key, "force") == 0) {
-            opts->force = true;
-        } else {
-            chainfs_set_error(error, EINVAL,
-                              "unknown commit word \"%s\" (words: top=FILE "
-                              "base=FILE shallow active delete keep-relative "
-                              "bandwidth=N on-error=report|stop|ignore force)",
-                              w);
-            return false;
-        }
+    if (!options_parse_words(words, "commit",
+                             "top=FILE base=FILE shallow active delete "
+                             "keep-relative bandwidth=N "
+                             "on-error=report|stop|ignore force",
+                             commit_options_apply_word, opts, error)) {
+        return false;
     }
     if (opts->shallow && opts->base) {
         chainfs_set_error(error, EINVAL,
@@ -191,41 +276,11 @@ bool commit_options_parse(const char *words, CommitOptions *opts,
 bool stream_options_parse(const char *words, StreamOptions *opts,
                           GError **error)
 {
-    g_auto(GStrv) list = NULL;
-
     memset(opts, 0, sizeof(*opts));
-    list = g_strsplit_set(words ? words : "", " \t\n", -1);
-    for (guint i = 0; list[i]; i++) {
-        const char *w = list[i];
-        const char *eq = strchr(w, '=');
-        g_autofree char *key = NULL;
-        const char *value;
-
-        if (w[0] == '\0') {
-            continue;
-        }
-        key = eq ? g_strndup(w, (gsize)(eq - w)) : g_strdup(w);
-        value = eq ? eq + 1 : NULL;
-        if (strcmp(key, "base") == 0 && value) {
-            if (!options_set_string(&opts->base, key, value, error)) {
-                return false;
-            }
-        } else if (strcmp(key, "bandwidth") == 0 && value) {
-            if (!options_set_bandwidth(&opts->bandwidth, value, error)) {
-                return false;
-            }
-        } else if (strcmp(key, "on-error") == 0 && value) {
-            if (!options_parse_policy(value, &opts->on_error, error)) {
-                return false;
-            }
-        } else {
-            chainfs_set_error(error, EINVAL,
-                              "unknown stream word \"%s\" (words: base=FILE "
-                              "bandwidth=N on-error=report|stop|ignore)", w);
-            return false;
-        }
-    }
-    return true;
+    return options_parse_words(words, "stream",
+                               "base=FILE bandwidth=N "
+                               "on-error=report|stop|ignore",
+                               stream_options_apply_word, opts, error);
 }
 
 void commit_options_clear(CommitOptions *opts)
@@ -249,6 +304,23 @@ const char *on_error_policy_name(OnErrorPolicy p)
 {
     return (unsigned)p < G_N_ELEMENTS(options_policy_names) ?
            options_policy_names[p] : "report";
+}
+
+/*
+ * End the words of commit_options_format() and stream_options_format()
+ * with the ones both share: bandwidth= when limited, and on-error= always,
+ * so that a resumed job keeps the policy it ran with.  Returns the text,
+ * s freed.
+ */
+static char *options_format_finish(GString *s, uint64_t bandwidth,
+                                   OnErrorPolicy on_error)
+{
+    if (bandwidth) {
+        g_string_append_printf(s, "bandwidth=%" G_GUINT64_FORMAT " ",
+                               bandwidth);
+    }
+    g_string_append_printf(s, "on-error=%s", on_error_policy_name(on_error));
+    return g_string_free(s, FALSE);
 }
 
 /* Words that parse back into the same options (for checkpoints). */
@@ -277,13 +349,7 @@ char *commit_options_format(const CommitOptions *opts)
     if (opts->force) {
         g_string_append(s, "force ");
     }
-    if (opts->bandwidth) {
-        g_string_append_printf(s, "bandwidth=%" G_GUINT64_FORMAT " ",
-                               opts->bandwidth);
-    }
-    g_string_append_printf(s, "on-error=%s",
-                           on_error_policy_name(opts->on_error));
-    return g_string_free(s, FALSE);
+    return options_format_finish(s, opts->bandwidth, opts->on_error);
 }
 
 char *stream_options_format(const StreamOptions *opts)
@@ -293,11 +359,5 @@ char *stream_options_format(const StreamOptions *opts)
     if (opts->base) {
         g_string_append_printf(s, "base=%s ", opts->base);
     }
-    if (opts->bandwidth) {
-        g_string_append_printf(s, "bandwidth=%" G_GUINT64_FORMAT " ",
-                               opts->bandwidth);
-    }
-    g_string_append_printf(s, "on-error=%s",
-                           on_error_policy_name(opts->on_error));
-    return g_string_free(s, FALSE);
+    return options_format_finish(s, opts->bandwidth, opts->on_error);
 }

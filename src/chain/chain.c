@@ -396,6 +396,11 @@ void chain_image_start_writeback(ChainImage *img)
     (void)sync_file_range(img->fd, 0, 0, SYNC_FILE_RANGE_WRITE);
 }
 
+void chain_image_drop_cache(ChainImage *img)
+{
+    (void)posix_fadvise(img->fd, 0, 0, POSIX_FADV_DONTNEED);
+}
+
 static void chain_release_layers(ImageSet *set, GPtrArray *layers)
 {
     for (guint i = 0; i < layers->len; i++) {

@@ -423,6 +423,13 @@ static int active_run(Job *job)
         }
     }
     job_set_progress(job, s->size, s->size);
+    /* From here on the guest writes both images (base alone after the
+     * pivot): leave them without the copy's large folios.  base is
+     * flushed first so that its copied pages are clean and can go. */
+    if (s->base->drv->flush(s->base) == 0) {
+        chain_image_drop_cache(s->base);
+    }
+    chain_image_drop_cache(s->top);
     job_transition_to_ready(job);
     g_message("%s: active commit of %s into %s is ready", chain->name,
               s->top->name, s->base->name);

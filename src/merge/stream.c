@@ -208,6 +208,8 @@ static int stream_prepare(Job *job)
         return ret;
     }
     merge_crash_point("stream-flushed");
+    /* The guest goes on writing top: not into the copy's large folios. */
+    chain_image_drop_cache(s->top);
     chain_topo_wrlock(chain);
     base_idx = stream_base_index(s);
     if (chain_layer(chain, 0) != s->top || base_idx < 1) {

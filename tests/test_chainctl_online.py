@@ -80,8 +80,8 @@ def test_info_online_matches_offline(image_dir, mount, base_fmt):
     assert ("cluster_size" in blocks[-1]) == (base_fmt == "qcow2")
     assert blocks[-2]["backing file format"] == base_fmt
     for l in online_json["layers"]:
-        assert {"file", "format", "virtual_size", "allocated", "backing",
-                "cluster_size", "backing_format"} <= set(l)
+        assert set(l) == {"file", "format", "virtual_size", "allocated", "backing",
+                          "cluster_size", "backing_format"}
     assert ctl_ok("info", top) == offline_text  # the mount changed nothing
 
 

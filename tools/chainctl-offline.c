@@ -8,15 +8,13 @@
  * use by chainfs or QEMU is refused rather than written behind their back.
  */
 #include <errno.h>
-#include <inttypes.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <unistd.h>
 
 #include "chainctl.h"
 #include "chain-info.h"
-#include "chain-io.h"
+#include "chain.h"
 #include "json.h"
 #include "merge.h"
 

@@ -71,7 +71,8 @@ void ctl_nap(unsigned ms)
     nanosleep(&ts, NULL);
 }
 
-char *ctl_human_size(uint64_t bytes)
+/* "1.5 MiB" style text of a byte count.  Newly allocated. */
+static char *ctl_human_size(uint64_t bytes)
 {
     static const char *const units[] = { "B", "KiB", "MiB", "GiB", "TiB",
                                          "PiB", "EiB" };
@@ -171,7 +172,9 @@ static const char *ctl_json_skip_value(const char *p)
     return p;
 }
 
-GPtrArray *ctl_json_array_items(const char *text)
+/* Split the text of a JSON array ("[...]") into the texts of its
+ * elements.  NULL when text is not a well-formed array. */
+static GPtrArray *ctl_json_array_items(const char *text)
 {
     g_autoptr(GPtrArray) items = g_ptr_array_new_with_free_func(g_free);
     const char *p = text;

@@ -99,9 +99,6 @@ void ctl_catch_sigint(bool restart_syscalls);
 /* Sleep up to ms milliseconds; returns early on a signal. */
 void ctl_nap(unsigned ms);
 
-/* "1.5 MiB" style text of a byte count.  Newly allocated. */
-char *ctl_human_size(uint64_t bytes);
-
 /*
  * Progress display after virsh: on a terminal one line rewritten in place
  * ("\rBlock Commit: [ 42 %]"), otherwise a plain line each time the
@@ -116,12 +113,6 @@ typedef struct {
 void ctl_progress_init(CtlProgress *p, const char *label);
 void ctl_progress_update(CtlProgress *p, uint64_t done, uint64_t total);
 void ctl_progress_done(CtlProgress *p);
-
-/*
- * Split the text of a JSON array ("[...]") into the texts of its elements.
- * NULL when text is not a well-formed array.
- */
-GPtrArray *ctl_json_array_items(const char *text);
 
 /*
  * Print a chain object (chain_info_json(), the user.chainfs.chain

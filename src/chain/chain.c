@@ -61,6 +61,22 @@ ImageSet *image_set_new(const char *image_dir, GError **error)
     return set;
 }
 
+/* Close fd and free what ChainImage owns (the driver state is gone). */
+static void image_free(ChainImage *img)
+{
+    if (img->fd >= 0) {
+        close(img->fd); /* releases the OFD locks too */
+    }
+    g_mutex_clear(&img->meta_lock);
+    g_free(img->path);
+    g_free(img->name);
+    g_free(img->dir);
+    g_free(img->backing_ref);
+    g_free(img->backing_fmt);
+    g_free(img->read_only_reason);
+    g_free(img);
+}
+
 static void image_close_now(ChainImage *img)
 {
     if (img->writable && img->drv->flush) {
@@ -74,17 +90,7 @@ static void image_close_now(ChainImage *img)
     if (img->drv->close) {
         img->drv->close(img);
     }
-    if (img->fd >= 0) {
-        close(img->fd); /* releases the OFD locks too */
-    }
-    g_mutex_clear(&img->meta_lock);
-    g_free(img->path);
-    g_free(img->name);
-    g_free(img->dir);
-    g_free(img->backing_ref);
-    g_free(img->backing_fmt);
-    g_free(img->read_only_reason);
-    g_free(img);
+    image_free(img);
 }
 
 void image_set_free(ImageSet *set)
@@ -245,15 +251,7 @@ static ChainImage *set_open_locked(ImageSet *set, const char *canon,
     img->writable = writable;
     g_mutex_init(&img->meta_lock);
     if (!drv->open(img, error)) {
-        close(fd);
-        g_mutex_clear(&img->meta_lock);
-        g_free(img->path);
-        g_free(img->name);
-        g_free(img->dir);
-        g_free(img->backing_ref);
-        g_free(img->backing_fmt);
-        g_free(img->read_only_reason);
-        g_free(img);
+        image_free(img);
         return NULL;
     }
     img->refcnt = 1;

@@ -643,7 +643,7 @@ static int qcow2_before_write(ChainImage *img)
     if (s->autoclear) {
         ret = qcow2_write_header_field64(img, 88, 0);
         if (ret == 0) {
-            ret = qcow2_datasync(img->fd);
+            ret = qcow2_sync_meta(img);
         }
         if (ret == 0) {
             s->autoclear = 0;

@@ -230,7 +230,9 @@ void qcow2_defer_free(BDRVQcow2State *s, uint64_t offset, uint64_t len);
 /* Queue the release of whatever an L2 entry points to (not the table). */
 void qcow2_defer_free_entry(BDRVQcow2State *s, uint64_t l2e);
 /* fdatasync of the image with meta_lock held: everything written before
- * is durable, the refcounts of the current batch included. */
+ * is durable, the refcounts of the current batch included.  Every sync
+ * under meta_lock goes through it, so that rc_unsynced costs no extra
+ * sync. */
 int qcow2_sync_meta(ChainImage *img);
 /* fdatasync, then apply the frees queued before it.  Takes meta_lock
  * itself; call without it. */

@@ -296,7 +296,7 @@ static int qcow2_reserve_batch(ChainImage *img, uint64_t want)
         }
         ret = qcow2_pwrite_full(img->fd, be, n * 8, rt_off);
         if (ret == 0) {
-            ret = qcow2_datasync(img->fd);
+            ret = qcow2_sync_meta(img);
         }
         if (ret == 0) {
             qcow2_put_be64(h, rt_off);

@@ -704,7 +704,7 @@ static bool qcow2_grow(ChainImage *img, uint64_t new_size, GError **error)
             ret = qcow2_pwrite_full(img->fd, t, nbytes, new_off);
         }
         if (ret == 0) {
-            ret = qcow2_datasync(img->fd);
+            ret = qcow2_sync_meta(img);
         }
         if (ret == 0) {
             qcow2_put_be64(h, new_size);
@@ -714,7 +714,7 @@ static bool qcow2_grow(ChainImage *img, uint64_t new_size, GError **error)
             ret = qcow2_pwrite_full(img->fd, h, sizeof(h), 24);
             if (ret == 0) {
                 memcpy(s->header_raw + 24, h, sizeof(h));
-                ret = qcow2_datasync(img->fd);
+                ret = qcow2_sync_meta(img);
             }
         }
         if (ret < 0) {
@@ -736,7 +736,7 @@ static bool qcow2_grow(ChainImage *img, uint64_t new_size, GError **error)
     } else {
         ret = qcow2_write_header_field64(img, 24, new_size);
         if (ret == 0) {
-            ret = qcow2_datasync(img->fd);
+            ret = qcow2_sync_meta(img);
         }
         if (ret < 0) {
             g_mutex_unlock(&img->meta_lock);
@@ -840,7 +840,7 @@ static bool qcow2_set_backing(ChainImage *img, const char *ref,
     /* One pwrite of the whole header cluster: the stale tail is zeroed. */
     ret = qcow2_pwrite_full(img->fd, buf, s->cluster_size, 0);
     if (ret == 0) {
-        ret = qcow2_datasync(img->fd);
+        ret = qcow2_sync_meta(img);
     }
     if (ret < 0) {
         g_mutex_unlock(&img->meta_lock);

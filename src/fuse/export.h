@@ -87,9 +87,6 @@ void export_set_last_error(Export *e, const char *verb, const GError *err);
 /* Newly allocated copy of last_error ("" when none). */
 char *export_last_error(Export *e);
 
-/* The chain's JSON (user.chainfs.chain) is chain_info_json(e->chain):
- * chain-info.h, shared with chainctl's offline info. */
-
 /* ---- control.c: the control surface -------------------------------- */
 
 /*

@@ -609,7 +609,7 @@ Job *active_commit_job_create(MergeContext *ctx, Chain *chain,
             ok = merge_check_users(chain, (char **)base_name, "base", error) &&
                  merge_check_users(chain, s->layers, "layer", error);
         }
-        ok = ok && commit_check_space(chain, &plan, NULL, error);
+        ok = ok && commit_check_space(chain, &plan, error);
     }
     chain_topo_unlock(chain);
     if (ok) {

@@ -184,15 +184,12 @@ static bool commit_estimate_plan(Chain *chain, const CommitPlan *plan,
 }
 
 bool commit_check_space(Chain *chain, const CommitPlan *plan,
-                        uint64_t *need_bytes, GError **error)
+                        GError **error)
 {
     uint64_t need = 0, avail = 0;
 
     if (!commit_estimate_plan(chain, plan, &need, &avail, error)) {
         return false;
-    }
-    if (need_bytes) {
-        *need_bytes = need;
     }
     if (need > avail) {
         chainfs_set_error(error, ENOSPC,
@@ -321,7 +318,6 @@ typedef struct {
     OnErrorPolicy policy;
     uint64_t start;
     uint64_t size;
-    uint64_t offline_speed; /* bytes/s offline (no job to limit it); 0 none */
 
     GMutex lock;          /* guards the fields below */
     GCond cond;           /* signalled when a window or a worker ends */
@@ -331,7 +327,9 @@ typedef struct {
     int running;          /* workers still running */
     bool stop;            /* a worker failed or saw cancel */
     int ret;              /* the first failure */
-    RateLimit limit;      /* offline_speed, shared by the workers */
+    RateLimit limit;      /* offline (no job to limit the copy): the
+                             speed the workers keep to together; speed 0
+                             (zeroed) when none */
 } CommitCopy;
 
 static void commit_copy_fail(CommitCopy *c, int ret)
@@ -344,7 +342,7 @@ static void commit_copy_fail(CommitCopy *c, int ret)
     }
 }
 
-/* Offline, the workers keep to offline_speed together, as a job's
+/* Offline, the workers keep to c->limit together, as a job's
  * rate limit would; a stop ends the wait. */
 static void commit_copy_offline_limit(CommitCopy *c, uint64_t bytes)
 {
@@ -406,7 +404,7 @@ static int commit_copy_window(CommitCopy *c, uint64_t off, uint64_t end,
             job_add_copied(c->job, written);
             /* Cancelled: the window still ends (see above). */
             job_rate_limit(c->job, written);
-        } else if (written && c->offline_speed) {
+        } else if (written && c->limit.speed) {
             commit_copy_offline_limit(c, written);
         }
     }
@@ -480,7 +478,6 @@ static int commit_copy_all(CommitCopy *c,
     c->prefix = c->start;
     c->done = g_new0(guint8, nwin + 1);
     c->running = 0;
-    ratelimit_init(&c->limit, c->offline_speed);
     for (int i = 0; i < COMMIT_WORKERS && (uint64_t)i < MAX(nwin, 1); i++) {
         g_mutex_lock(&c->lock);
         c->running++;
@@ -519,7 +516,7 @@ static int commit_copy_all(CommitCopy *c,
          * checkpoints' and the final flush of base then wait for little.
          * A speed limit leaves the disk to the guest instead, writing at
          * the checkpoints only. */
-        if (c->job ? !job_is_rate_limited(c->job) : !c->offline_speed) {
+        if (c->job ? !job_is_rate_limited(c->job) : !c->limit.speed) {
             chain_image_start_writeback(c->base);
         }
         ret = tick ? tick(opaque, prefix) : 0;
@@ -672,7 +669,6 @@ typedef struct {
     uint64_t start;       /* resumed from */
     uint64_t size;
     uint64_t offset;      /* below it everything was copied (job thread) */
-    uint64_t durable;     /* below it everything is durable in base */
     bool finished;        /* commit_finish done */
 } CommitJob;
 
@@ -711,7 +707,6 @@ static int commit_checkpoint(Job *job, uint64_t offset, bool cancelled)
     if (ret < 0) {
         return ret;
     }
-    s->durable = offset;
     if (!commit_save(s, offset, cancelled, &err)) {
         return -chainfs_error_errno(err);
     }
@@ -873,7 +868,7 @@ static bool commit_check(Chain *chain, const CommitOptions *opts,
             return false;
         }
     }
-    return commit_check_space(chain, plan, NULL, error);
+    return commit_check_space(chain, plan, error);
 }
 
 /*
@@ -960,7 +955,6 @@ Job *commit_job_create(MergeContext *ctx, Chain *chain,
         checkpoint_clear_fields(&cp);
     }
     s->offset = s->start;
-    s->durable = s->start;
     /* Before the command is acknowledged: a crash from now on resumes the
      * commit at the next mount (start is durable in base already).  The
      * job's first checkpoint fails it if the state file cannot be
@@ -1034,12 +1028,16 @@ bool merge_commit_offline(MergeContext *ctx, Chain *chain,
     {
         CommitCopy c = {
             .chain = chain, .top = plan.top, .base = plan.base,
-            .start = 0, .size = plan.size, .offline_speed = opts->bandwidth,
+            .start = 0, .size = plan.size,
         };
         OfflineTick t = { .progress = progress, .opaque = opaque,
                           .total = plan.size };
+
         uint64_t prefix;
-        int ret = commit_copy_all(&c, offline_tick, &t, &prefix);
+        int ret;
+
+        ratelimit_init(&c.limit, opts->bandwidth);
+        ret = commit_copy_all(&c, offline_tick, &t, &prefix);
 
         if (ret == -ECANCELED) {
             chainfs_set_error(error, ECANCELED,

@@ -103,8 +103,10 @@ bool commit_plan(Chain *chain, const CommitOptions *opts, bool offline,
                  CommitPlan *plan, GError **error);
 /* NULL-terminated names of layers [first, last]. */
 char **commit_layer_names(Chain *chain, guint first, guint last);
+/* ENOSPC when base's filesystem lacks the room the commit needs.
+ * Topology lock held. */
 bool commit_check_space(Chain *chain, const CommitPlan *plan,
-                        uint64_t *need_bytes, GError **error);
+                        GError **error);
 /*
  * Job constructors: check the command, reopen what the job writes, and
  * return a job in CREATED (NULL with *error set, nothing changed).  Called

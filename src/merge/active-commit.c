@@ -582,8 +582,6 @@ static const JobDriver active_job_driver = {
 Job *active_commit_job_create(MergeContext *ctx, Chain *chain,
                               const CommitOptions *opts, GError **error)
 {
-    const char *dir = image_set_dir(chain->set);
-    g_autoptr(GError) err = NULL;
     g_autofree char *id = NULL;
     ActiveJob *s = g_new0(ActiveJob, 1);
     CommitPlan plan;
@@ -649,10 +647,7 @@ Job *active_commit_job_create(MergeContext *ctx, Chain *chain,
     cp.base = plan.base->name;
     cp.options = s->words;
     cp.layers = s->layers;
-    if (!checkpoint_save(dir, chain->name, &cp, &err)) {
-        g_message("%s: cannot save the checkpoint: %s", chain->name,
-                  err->message);
-    }
+    merge_save_checkpoint(chain, &cp, NULL);
     id = merge_context_next_id(ctx, "active-commit");
     return job_new(&active_job_driver, id, plan.top->name, plan.base->name,
                    opts->bandwidth, s);

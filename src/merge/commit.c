@@ -687,13 +687,7 @@ static bool commit_save(CommitJob *s, uint64_t offset, bool cancelled,
         .cancelled = cancelled,
     };
 
-    if (!checkpoint_save(image_set_dir(s->chain->set), s->chain->name, &cp,
-                         error)) {
-        g_message("%s: cannot save the checkpoint: %s", s->chain->name,
-                  (*error)->message);
-        return false;
-    }
-    return true;
+    return merge_save_checkpoint(s->chain, &cp, error);
 }
 
 /* Flush base and record offset: a checkpoint never claims more than what

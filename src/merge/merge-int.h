@@ -83,6 +83,10 @@ void merge_unlink_dropped(const char *dir, char **names);
  * Topology write lock held (it drains the requests in flight). */
 void merge_serialize_begin(Chain *chain, bool *serializing);
 void merge_serialize_end(Chain *chain, bool *serializing);
+/* Save chain's checkpoint cp in the state file; a failure is logged as
+ * well as returned (error may be NULL when the caller goes on anyway). */
+bool merge_save_checkpoint(Chain *chain, const Checkpoint *cp,
+                           GError **error);
 /* A stopped job's checkpoint is cleared, so that it does not resume,
  * unless a shutdown interrupted the job: then the next mount resumes it. */
 void merge_forget_unless_interrupted(Job *job, Chain *chain);

@@ -617,3 +617,17 @@ void merge_forget_unless_interrupted(Job *job, Chain *chain)
         g_message("%s: %s", chain->name, err->message);
     }
 }
+
+bool merge_save_checkpoint(Chain *chain, const Checkpoint *cp,
+                           GError **error)
+{
+    g_autoptr(GError) err = NULL;
+
+    if (!checkpoint_save(image_set_dir(chain->set), chain->name, cp, &err)) {
+        g_message("%s: cannot save the checkpoint: %s", chain->name,
+                  err->message);
+        g_propagate_error(error, g_steal_pointer(&err));
+        return false;
+    }
+    return true;
+}

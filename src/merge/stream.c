@@ -121,17 +121,12 @@ out:
 
 static void stream_checkpoint(StreamJob *s)
 {
-    g_autoptr(GError) err = NULL;
     Checkpoint cp = {
         .type = (char *)"stream", .top = s->top->name,
         .base = s->base_name, .options = s->words, .layers = s->layers,
     };
 
-    if (!checkpoint_save(image_set_dir(s->chain->set), s->chain->name, &cp,
-                         &err)) {
-        g_message("%s: cannot save the checkpoint: %s", s->chain->name,
-                  err->message);
-    }
+    merge_save_checkpoint(s->chain, &cp, NULL);
 }
 
 static int stream_run(Job *job)

@@ -339,25 +339,25 @@ static void commit_copy_fail(CommitCopy *c, int ret)
     if (!c->stop) {
         c->stop = true;
         c->ret = ret;
+        g_cond_broadcast(&c->cond);
     }
 }
 
 /* Offline, the workers keep to c->limit together, as a job's
- * rate limit would; a stop ends the wait. */
+ * rate limit would; a stop (commit_copy_fail) ends the wait. */
 static void commit_copy_offline_limit(CommitCopy *c, uint64_t bytes)
 {
-    for (;;) {
-        int64_t delay_ns;
+    g_autoptr(GMutexLocker) locker = g_mutex_locker_new(&c->lock);
 
-        g_mutex_lock(&c->lock);
-        delay_ns = c->stop ? 0 : ratelimit_delay(&c->limit, bytes,
-                                                 g_get_monotonic_time() * 1000);
-        g_mutex_unlock(&c->lock);
+    while (!c->stop) {
+        int64_t delay_ns = ratelimit_delay(&c->limit, bytes,
+                                           g_get_monotonic_time() * 1000);
+
         if (delay_ns <= 0) {
             return;
         }
-        /* At most 100 ms at a time, so that a stop is seen soon. */
-        g_usleep((gulong)MIN(delay_ns / 1000 + 1, 100 * 1000));
+        g_cond_wait_until(&c->cond, &c->lock,
+                          g_get_monotonic_time() + delay_ns / 1000 + 1);
     }
 }
 

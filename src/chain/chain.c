@@ -24,6 +24,7 @@
 
 #include "chain-io.h"
 #include "chain.h"
+#include "image-file.h"
 #include "lock.h"
 
 struct ImageSet {
@@ -170,6 +171,38 @@ static char *canonical_path(const char *base_dir, const char *ref,
 }
 
 /*
+ * The driver for a file about to be opened: the recorded format when
+ * there is one, else what the first bytes look like.
+ *
+ * A recorded raw format wins without looking at the content: a raw disk
+ * holds whatever its guest wrote, a qcow2 header included, and reading that
+ * header would follow references (backing file, data file) that the guest
+ * chose, to files on the host.  QEMU does the same.  A recorded qcow2 must
+ * match the file, since its header is what we are about to trust.
+ */
+static const ImageDriver *set_pick_driver(ImageSet *set, int fd,
+                                          const char *canon,
+                                          const ImageDriver *want,
+                                          const char *want_fmt,
+                                          const char *user, GError **error)
+{
+    if (want == &raw_driver) {
+        return want;
+    }
+
+    const ImageDriver *drv = image_probe_fd(fd);
+
+    if (want && drv != want) {
+        chainfs_set_error(error, EINVAL,
+                          "backing file %s of %s is %s, but its format is "
+                          "recorded as %s", set_relative(set, canon),
+                          user ? user : "?", drv->format_name, want_fmt);
+        return NULL;
+    }
+    return drv;
+}
+
+/*
  * Open canon (canonical, inside the directory) or take a reference.
  * want: the format the reference records (NULL: probe).  user: the image
  * referring to it, for messages (NULL for a chain top).
@@ -209,21 +242,18 @@ static ChainImage *set_open_locked(ImageSet *set, const char *canon,
         return img;
     }
 
-    int fd = open(canon, (writable ? O_RDWR : O_RDONLY) | O_CLOEXEC);
+    /* Never blocks: a FIFO, socket or device is refused by type.  canon
+     * has no symbolic link in it; O_NOFOLLOW refuses one put in its place
+     * since. */
+    int fd = image_file_open(canon,
+                             (writable ? O_RDWR : O_RDONLY) | O_NOFOLLOW,
+                             NULL, NULL, error);
 
     if (fd < 0) {
-        int err = errno;
-
-        chainfs_set_error(error, err, "cannot open %s%s: %s", canon,
-                          writable ? " read-write" : "", g_strerror(err));
-        return NULL;
-    }
-
-    struct stat st;
-
-    if (fstat(fd, &st) < 0 || !S_ISREG(st.st_mode)) {
-        chainfs_set_error(error, EINVAL, "%s is not a regular file", canon);
-        close(fd);
+        if (user) {
+            g_prefix_error(error, "backing file %s of %s: ",
+                           set_relative(set, canon), user);
+        }
         return NULL;
     }
     if (!image_lock_fd(fd, canon, writable, error)) {
@@ -231,13 +261,10 @@ static ChainImage *set_open_locked(ImageSet *set, const char *canon,
         return NULL;
     }
 
-    const ImageDriver *drv = image_probe_fd(fd);
+    const ImageDriver *drv = set_pick_driver(set, fd, canon, want, want_fmt,
+                                             user, error);
 
-    if (want && drv != want) {
-        chainfs_set_error(error, EINVAL,
-                          "backing file %s of %s is %s, but its format is "
-                          "recorded as %s", set_relative(set, canon),
-                          user ? user : "?", drv->format_name, want_fmt);
+    if (!drv) {
         close(fd);
         return NULL;
     }
@@ -324,6 +351,41 @@ void image_set_release(ImageSet *set, ChainImage *img)
  * through a closed or reused descriptor number.  Replacing the number's
  * description closes the old one, which releases its locks.
  */
+/*
+ * A new descriptor of the file img->fd has open, by its path: never
+ * blocking (the path may name a FIFO by now), and refused when the path no
+ * longer names the same file (it was replaced since we opened it: writing
+ * that one would write a file the chain never resolved).
+ */
+static int reopen_same_file(ChainImage *img, bool writable, GError **error)
+{
+    struct stat old_st, new_st;
+    int fd;
+
+    if (fstat(img->fd, &old_st) < 0) {
+        int err = errno;
+
+        chainfs_set_error(error, err, "cannot reopen %s: %s", img->name,
+                          g_strerror(err));
+        return -1;
+    }
+    fd = image_file_open(img->path,
+                         (writable ? O_RDWR : O_RDONLY) | O_NOFOLLOW,
+                         img->name, &new_st, error);
+    if (fd < 0) {
+        return -1;
+    }
+    if (new_st.st_dev != old_st.st_dev || new_st.st_ino != old_st.st_ino) {
+        chainfs_set_error(error, ESTALE,
+                          "cannot reopen %s: %s is no longer the file that "
+                          "was opened (replaced since)", img->name,
+                          img->path);
+        close(fd);
+        return -1;
+    }
+    return fd;
+}
+
 bool chain_image_reopen(ChainImage *img, bool writable, GError **error)
 {
     if (img->writable == writable) {
@@ -334,14 +396,9 @@ bool chain_image_reopen(ChainImage *img, bool writable, GError **error)
         return false;
     }
 
-    int fd = open(img->path, (writable ? O_RDWR : O_RDONLY) | O_CLOEXEC);
+    int fd = reopen_same_file(img, writable, error);
 
     if (fd < 0) {
-        int err = errno;
-
-        chainfs_set_error(error, err, "cannot reopen %s %s: %s", img->name,
-                          writable ? "read-write" : "read-only",
-                          g_strerror(err));
         return false;
     }
     if (writable) {

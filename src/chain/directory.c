@@ -2,13 +2,17 @@
  * directory.c: which chains an image directory holds, and the state file
  * (see directory.h).
  *
- * Discovery reads just enough of each file to know its format and its
- * backing reference: it opens no chain and takes no image lock, so it can
- * run while the images are in use (by us or by QEMU).  Resolving a chain
+ * Discovery reads just enough of each file to know its format and what
+ * it refers to (backing file and its recorded format, external data
+ * file): it opens no chain and takes no image lock, so it can run while
+ * the images are in use (by us or by QEMU), and it never opens anything
+ * that could block (FIFOs, sockets, devices are reported, never opened
+ * for reading; see image-file.h).  Resolving a chain
  * for real, with every refusal, is chain_open()'s job; a top whose backing
  * reference is broken is still listed here, so that the daemon can say why
  * it leaves that chain out.
  */
+#include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <stdio.h>
@@ -18,17 +22,22 @@
 #include <unistd.h>
 
 #include "directory.h"
-
-#define QCOW2_MAGIC_BYTES "QFI\xfb"
-#define MAX_BACKING_NAME 1023
+#include "image-file.h"
+#include "image-refs.h"
 
 /* What discovery knows about one file of the directory. */
 typedef struct {
     char *name;        /* file name in the directory */
-    bool qcow2;
+    bool qcow2;        /* has the qcow2 magic */
     char *backing;     /* name (in dir) the backing reference resolves to,
                           NULL when none or when it leaves the directory */
-    bool has_ref;      /* has a backing reference at all */
+    bool backing_raw;  /* the backing format is recorded as raw */
+    char *data_file;   /* name (in dir) of its external data file, or NULL */
+    /* Its own references count: false when every image that uses it
+     * records it as raw, so that it is read as raw and its content (a
+     * guest's disk, maybe holding a qcow2 header) names nothing.  Set by
+     * dir_mark_raw_only; only then are backing and data_file meaningful. */
+    bool refs_count;
 } DirImage;
 
 static void dir_image_free(gpointer p)
@@ -37,7 +46,14 @@ static void dir_image_free(gpointer p)
 
     g_free(d->name);
     g_free(d->backing);
+    g_free(d->data_file);
     g_free(d);
+}
+
+/* The image di's chain continues with, if its references count. */
+static const char *dir_image_below(const DirImage *di)
+{
+    return di && di->refs_count ? di->backing : NULL;
 }
 
 void dir_chain_free(DirChain *c)
@@ -48,126 +64,6 @@ void dir_chain_free(DirChain *c)
     g_free(c->top_file);
     g_free(c->export_name);
     g_free(c);
-}
-
-static bool read_full(int fd, void *buf, size_t len, uint64_t off)
-{
-    uint8_t *p = buf;
-
-    while (len > 0) {
-        ssize_t n = pread(fd, p, len, off);
-
-        if (n < 0 && errno == EINTR) {
-            continue;
-        }
-        if (n <= 0) {
-            if (n == 0) {
-                errno = EIO;
-            }
-            return false;
-        }
-        p += n;
-        off += n;
-        len -= n;
-    }
-    return true;
-}
-
-static uint64_t be64(const uint8_t *p)
-{
-    uint64_t v = 0;
-
-    for (int i = 0; i < 8; i++) {
-        v = (v << 8) | p[i];
-    }
-    return v;
-}
-
-static uint32_t be32(const uint8_t *p)
-{
-    return ((uint32_t)p[0] << 24) | ((uint32_t)p[1] << 16) |
-           ((uint32_t)p[2] << 8) | p[3];
-}
-
-/*
- * Read the header of dir/name.  On success *qcow2 says whether it has the
- * qcow2 magic, and *ref the raw backing reference (NULL: none).
- */
-static bool dir_read_header(const char *dir, const char *name, bool *qcow2,
-                            char **ref, GError **error)
-{
-    g_autofree char *path = g_build_filename(dir, name, NULL);
-    int fd = open(path, O_RDONLY | O_CLOEXEC);
-    uint8_t hdr[20];
-    struct stat st;
-
-    *qcow2 = false;
-    *ref = NULL;
-    if (fd < 0) {
-        int err = errno;
-
-        chainfs_set_error(error, err, "%s: %s", name, g_strerror(err));
-        return false;
-    }
-    if (fstat(fd, &st) < 0) {
-        int err = errno;
-
-        chainfs_set_error(error, err, "%s: %s", name, g_strerror(err));
-        close(fd);
-        return false;
-    }
-    if ((uint64_t)st.st_size < sizeof(hdr)) {
-        close(fd);
-        return true; /* too short for qcow2: raw, if anything */
-    }
-    if (!read_full(fd, hdr, sizeof(hdr), 0)) {
-        int err = errno;
-
-        chainfs_set_error(error, err, "%s: cannot read header: %s", name,
-                          g_strerror(err));
-        close(fd);
-        return false;
-    }
-    if (memcmp(hdr, QCOW2_MAGIC_BYTES, 4) != 0) {
-        close(fd);
-        return true;
-    }
-    *qcow2 = true;
-
-    uint32_t version = be32(hdr + 4);
-    uint64_t boff = be64(hdr + 8);
-    uint32_t blen = be32(hdr + 16);
-
-    if (version != 2 && version != 3) {
-        chainfs_set_error(error, EOPNOTSUPP,
-                          "%s: qcow2 version %u is not supported", name,
-                          version);
-        close(fd);
-        return false;
-    }
-    if (boff != 0 && blen != 0) {
-        if (blen > MAX_BACKING_NAME || boff + blen > (uint64_t)st.st_size) {
-            chainfs_set_error(error, EINVAL,
-                              "%s: corrupt backing file name in the header",
-                              name);
-            close(fd);
-            return false;
-        }
-
-        g_autofree char *buf = g_malloc0(blen + 1);
-
-        if (!read_full(fd, buf, blen, boff)) {
-            int err = errno;
-
-            chainfs_set_error(error, err, "%s: cannot read backing file "
-                              "name: %s", name, g_strerror(err));
-            close(fd);
-            return false;
-        }
-        *ref = g_steal_pointer(&buf);
-    }
-    close(fd);
-    return true;
 }
 
 /* The name inside canon_dir that path resolves to, relative to canon_dir
@@ -198,9 +94,128 @@ static bool has_raw_extension(const char *name)
 }
 
 /*
+ * What one entry of the directory is, read without ever blocking: NULL
+ * for what is not an image file (with a message in *warning for what a
+ * user would want to hear about; directories are passed over silently).
+ *
+ * fstatat() first, so that a FIFO, socket or device is never opened at
+ * all; but the decision is made by fstat() on the descriptor opened
+ * non-blocking (image_file_openat), because the entry may be swapped
+ * between the two calls.
+ */
+static DirImage *dir_scan_entry(int dfd, const char *canon_dir,
+                                const char *name, char **warning)
+{
+    g_autoptr(GError) err = NULL;
+    struct stat st;
+
+    *warning = NULL;
+    if (fstatat(dfd, name, &st, 0) < 0) {
+        int e = errno;
+        struct stat lst;
+
+        if (e == ENOENT && fstatat(dfd, name, &lst, AT_SYMLINK_NOFOLLOW) == 0
+            && S_ISLNK(lst.st_mode)) {
+            *warning = g_strdup_printf("%s is a dangling symbolic link, not "
+                                       "an image file", name);
+        } else if (e != ENOENT) {
+            *warning = g_strdup_printf("%s: %s", name, g_strerror(e));
+        }
+        return NULL; /* ENOENT alone: removed while we looked */
+    }
+    if (S_ISDIR(st.st_mode)) {
+        return NULL;
+    }
+    if (!S_ISREG(st.st_mode)) {
+        *warning = g_strdup_printf("%s is %s, not an image file", name,
+                                   image_file_type_name(st.st_mode));
+        return NULL;
+    }
+
+    int fd = image_file_openat(dfd, name, O_RDONLY, name, NULL, &err);
+
+    if (fd < 0) {
+        *warning = g_strdup(err->message);
+        return NULL;
+    }
+
+    ImageRefs refs;
+    bool ok = image_refs_read(fd, name, &refs, &err);
+
+    close(fd);
+    if (!ok) {
+        *warning = g_strdup(err->message);
+        return NULL;
+    }
+
+    DirImage *di = g_new0(DirImage, 1);
+
+    di->name = g_strdup(name);
+    di->qcow2 = refs.qcow2;
+    di->refs_count = true;
+    if (refs.backing) {
+        di->backing = dir_resolve(canon_dir, refs.backing);
+        di->backing_raw = g_strcmp0(refs.backing_fmt, "raw") == 0;
+    }
+    if (refs.data_file) {
+        di->data_file = dir_resolve(canon_dir, refs.data_file);
+    }
+    image_refs_clear(&refs);
+    return di;
+}
+
+/*
+ * Which images are read as raw by every image that uses them (all of
+ * those users record the format raw): their own headers, if they look
+ * like qcow2, say nothing (refs_count false).  Whether a user counts
+ * depends in turn on its own users, so this runs until nothing changes;
+ * real directories settle in one or two rounds, and the rounds are bounded
+ * so that a crafted one cannot make discovery slow.
+ */
+static void dir_mark_raw_only(GHashTable *images, GKeyFile *state)
+{
+    for (int round = 0; round < 8; round++) {
+        g_autoptr(GHashTable) not_raw = g_hash_table_new(g_str_hash,
+                                                         g_str_equal);
+        g_autoptr(GHashTable) as_raw = g_hash_table_new(g_str_hash,
+                                                        g_str_equal);
+        GHashTableIter it;
+        gpointer value;
+        bool changed = false;
+
+        g_hash_table_iter_init(&it, images);
+        while (g_hash_table_iter_next(&it, NULL, &value)) {
+            DirImage *di = value;
+            const char *below = dir_image_below(di);
+
+            if (below && !dir_state_is_dropped(state, di->name)) {
+                g_hash_table_add(di->backing_raw ? as_raw : not_raw,
+                                 (gpointer)below);
+            }
+        }
+        g_hash_table_iter_init(&it, images);
+        while (g_hash_table_iter_next(&it, NULL, &value)) {
+            DirImage *di = value;
+            bool count = !g_hash_table_contains(as_raw, di->name) ||
+                         g_hash_table_contains(not_raw, di->name);
+
+            if (count != di->refs_count) {
+                di->refs_count = count;
+                changed = true;
+            }
+        }
+        if (!changed) {
+            return;
+        }
+    }
+}
+
+/*
  * Scan the directory: every regular, non-hidden file with its header.
  * Returns name -> DirImage (raw files included; the caller decides whether
  * a raw one is an image).  canon_dir receives the canonical directory.
+ * What is not an image file (FIFO, socket, device, dangling link, a file
+ * we cannot read) goes to *warnings, one line naming it.
  */
 static GHashTable *dir_scan(const char *dir, char **canon_dir,
                             GPtrArray *warnings, GError **error)
@@ -217,49 +232,39 @@ static GHashTable *dir_scan(const char *dir, char **canon_dir,
     *canon_dir = g_strdup(c);
     free(c);
 
-    g_autoptr(GError) local = NULL;
-    GDir *d = g_dir_open(*canon_dir, 0, &local);
+    DIR *d = opendir(*canon_dir);
 
     if (!d) {
-        chainfs_set_error(error, EIO, "image directory %s: %s", dir,
-                          local->message);
+        int err = errno;
+
+        chainfs_set_error(error, err, "image directory %s: %s", dir,
+                          g_strerror(err));
         g_clear_pointer(canon_dir, g_free);
         return NULL;
     }
 
     GHashTable *images = g_hash_table_new_full(g_str_hash, g_str_equal, NULL,
                                                dir_image_free);
-    const char *name;
+    struct dirent *ent;
 
-    while ((name = g_dir_read_name(d))) {
-        g_autofree char *path = g_build_filename(*canon_dir, name, NULL);
-        g_autoptr(GError) err = NULL;
-        struct stat st;
-        bool qcow2;
-        char *ref;
+    while ((ent = readdir(d))) {
+        char *warning;
+        DirImage *di;
 
-        if (name[0] == '.' || stat(path, &st) < 0 || !S_ISREG(st.st_mode)) {
+        if (ent->d_name[0] == '.') {
             continue;
         }
-        if (!dir_read_header(*canon_dir, name, &qcow2, &ref, &err)) {
-            if (warnings) {
-                g_ptr_array_add(warnings, g_strdup(err->message));
-            }
-            continue;
+        di = dir_scan_entry(dirfd(d), *canon_dir, ent->d_name, &warning);
+        if (warning && warnings) {
+            g_ptr_array_add(warnings, warning);
+        } else {
+            g_free(warning);
         }
-
-        DirImage *di = g_new0(DirImage, 1);
-
-        di->name = g_strdup(name);
-        di->qcow2 = qcow2;
-        di->has_ref = ref != NULL;
-        if (ref) {
-            di->backing = dir_resolve(*canon_dir, ref);
-            g_free(ref);
+        if (di) {
+            g_hash_table_insert(images, di->name, di);
         }
-        g_hash_table_insert(images, di->name, di);
     }
-    g_dir_close(d);
+    closedir(d);
     return images;
 }
 
@@ -302,8 +307,7 @@ static bool dir_chain_contains(GHashTable *images, const char *top,
         if (strcmp(cur, file) == 0) {
             return true;
         }
-        DirImage *di = g_hash_table_lookup(images, cur);
-        cur = di ? di->backing : NULL;
+        cur = dir_image_below(g_hash_table_lookup(images, cur));
     }
     return false;
 }
@@ -326,8 +330,7 @@ static char *state_export_for(GKeyFile *state, GHashTable *images,
         return exact;
     }
 
-    DirImage *di = g_hash_table_lookup(images, top);
-    const char *cur = di ? di->backing : NULL;
+    const char *cur = dir_image_below(g_hash_table_lookup(images, top));
 
     for (int depth = 0; cur && depth < CHAIN_MAX_DEPTH; depth++) {
         g_autofree char *name = state_export_recorded(state, cur);
@@ -341,8 +344,7 @@ static char *state_export_for(GKeyFile *state, GHashTable *images,
             }
             return holders == 1 ? g_steal_pointer(&name) : NULL;
         }
-        di = g_hash_table_lookup(images, cur);
-        cur = di ? di->backing : NULL;
+        cur = dir_image_below(g_hash_table_lookup(images, cur));
     }
     return NULL;
 }
@@ -408,17 +410,28 @@ GPtrArray *dir_discover(const char *dir, GPtrArray *warnings, GError **error)
         state = g_key_file_new();
     }
 
-    /* Which images a live (not dropped) image uses as its backing file. */
+    /* Which images a live (not dropped) image uses as its backing file
+     * or as its external data file.  An image with a data file is refused
+     * when opened, but its data file is still no disk of its own: it is
+     * raw and nobody's backing file, and exporting it would serve (and let
+     * a guest write) half of another disk. */
     g_autoptr(GHashTable) used = g_hash_table_new(g_str_hash, g_str_equal);
     GHashTableIter it;
     gpointer value;
 
+    dir_mark_raw_only(images, state);
     g_hash_table_iter_init(&it, images);
     while (g_hash_table_iter_next(&it, NULL, &value)) {
         DirImage *di = value;
 
-        if (di->backing && !dir_state_is_dropped(state, di->name)) {
+        if (!di->refs_count || dir_state_is_dropped(state, di->name)) {
+            continue;
+        }
+        if (di->backing) {
             g_hash_table_add(used, di->backing);
+        }
+        if (di->data_file) {
+            g_hash_table_add(used, di->data_file);
         }
     }
 
@@ -518,6 +531,7 @@ GPtrArray *dir_users_of(const char *dir, const char *file,
     if (!state) {
         state = g_key_file_new();
     }
+    dir_mark_raw_only(images, state);
     g_hash_table_iter_init(&it, images);
     while (g_hash_table_iter_next(&it, NULL, &value)) {
         DirImage *di = value;
@@ -543,7 +557,7 @@ GPtrArray *dir_users_of(const char *dir, const char *file,
         /* Follow the backing references down from this image. */
         DirImage *cur = di;
 
-        for (int depth = 0; cur && cur->backing && depth < CHAIN_MAX_DEPTH;
+        for (int depth = 0; dir_image_below(cur) && depth < CHAIN_MAX_DEPTH;
              depth++) {
             if (strcmp(cur->backing, target) == 0) {
                 g_ptr_array_add(users, g_strdup(di->name));

@@ -56,6 +56,16 @@ static unsigned lock_unshared(bool writable)
     return PERM_WRITE | PERM_RESIZE;
 }
 
+/*
+ * F_OFD_SETLK, never F_OFD_SETLKW: taking a lock must not wait, because
+ * the daemon opens every chain before it mounts, and one image that
+ * another process holds must not delay the others (QEMU does not wait
+ * either).  Every byte we and QEMU take is a shared (read) lock, and
+ * shared locks never conflict with each other, so in practice this does
+ * not fail because of another holder (if one held a write lock, we would
+ * get EAGAIN, not wait); conflicts are found by lock_byte_taken() and
+ * refused at once.
+ */
 static int lock_byte(int fd, int off, short type)
 {
     struct flock fl = {

@@ -8,6 +8,7 @@
  */
 #include <errno.h>
 #include <fcntl.h>
+#include <stdio.h> /* renameat2 */
 #include <string.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -866,6 +867,76 @@ static void qcow2_set_refcount16(uint8_t *block, uint64_t i, uint16_t v)
 }
 
 /*
+ * Put a file holding buf at path, atomically as far as a power cut goes:
+ * the name path appears only with all of buf behind it.  Written under the
+ * hidden name .NAME.chainfs-new in the same directory (discovery skips
+ * dot files), fsync'ed, renamed to NAME without replacing anything (EEXIST
+ * if it exists: the O_EXCL of a plain create), then the directory is
+ * fsync'ed.  Written in place instead, the directory entry could reach the
+ * disk before the content (the page cache writes back in any order and the
+ * journal commits the entry on its own): a crash would leave an overlay
+ * with a header and no refcount block, that discovery takes for the top of
+ * the chain.  A stale hidden file left by such a crash is removed first.
+ */
+static bool qcow2_create_file(const char *path, const void *buf, size_t len,
+                              GError **error)
+{
+    g_autofree char *dir = g_path_get_dirname(path);
+    g_autofree char *base = g_path_get_basename(path);
+    g_autofree char *tmp_name = g_strdup_printf(".%s.chainfs-new", base);
+    g_autofree char *tmp = g_build_filename(dir, tmp_name, NULL);
+    const char *what;
+    int fd, dfd, ret, e;
+
+    if (unlink(tmp) < 0 && errno != ENOENT) {
+        e = errno;
+        chainfs_set_error(error, e, "%s: cannot remove the stale %s: %s",
+                          path, tmp_name, g_strerror(e));
+        return false;
+    }
+    fd = open(tmp, O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
+    if (fd < 0) {
+        e = errno;
+        chainfs_set_error(error, e, "%s: cannot create %s: %s", path,
+                          tmp_name, g_strerror(e));
+        return false;
+    }
+    what = "write the new image";
+    ret = qcow2_pwrite_full(fd, buf, len, 0);
+    if (ret == 0 && fsync(fd) < 0) {
+        ret = -errno;
+    }
+    close(fd);
+    if (ret == 0) {
+        what = "rename the new image into place";
+        if (renameat2(AT_FDCWD, tmp, AT_FDCWD, path, RENAME_NOREPLACE) < 0) {
+            ret = -errno;
+        }
+    }
+    if (ret < 0) {
+        chainfs_set_error(error, -ret, "%s: cannot %s: %s", path, what,
+                          g_strerror(-ret));
+        unlink(tmp);
+        return false;
+    }
+    /* The rename is durable only with its directory: before this returns,
+     * the caller may make the image part of a chain. */
+    dfd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    if (dfd < 0 || fsync(dfd) < 0) {
+        e = errno;
+        if (dfd >= 0) {
+            close(dfd);
+        }
+        unlink(path);
+        chainfs_set_error(error, e, "%s: cannot sync the directory: %s",
+                          path, g_strerror(e));
+        return false;
+    }
+    close(dfd);
+    return true;
+}
+
+/*
  * Layout of a new image: cluster 0 header (+ extensions, backing name),
  * then the refcount table, the refcount blocks and the L1 table, all with
  * refcount 1 (16-bit refcounts).  The sizes depend on each other: iterate
@@ -876,9 +947,6 @@ bool qcow2_create(const char *path, uint64_t virtual_size,
                   const char *backing_fmt, GError **error)
 {
     uint64_t cs = cluster_size;
-    g_autofree char *dir = NULL;
-    int fd = -1;
-    int ret;
 
     if (cluster_size < 512 || cluster_size > (2U << 20) ||
         (cluster_size & (cluster_size - 1))) {
@@ -968,32 +1036,7 @@ bool qcow2_create(const char *path, uint64_t virtual_size,
         qcow2_set_refcount16(img + rb_off, i, 1);
     }
 
-    fd = open(path, O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
-    if (fd < 0) {
-        int e = errno;
-        chainfs_set_error(error, e, "%s: cannot create: %s", path,
-                          g_strerror(e));
-        return false;
-    }
-    ret = qcow2_pwrite_full(fd, img, total * cs, 0);
-    if (ret == 0 && fsync(fd) < 0) {
-        ret = -errno;
-    }
-    if (ret < 0) {
-        chainfs_set_error(error, -ret, "%s: cannot write the new image: %s",
-                          path, g_strerror(-ret));
-        close(fd);
-        unlink(path);
-        return false;
-    }
-    close(fd);
-    dir = g_path_get_dirname(path);
-    int dfd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-    if (dfd >= 0) {
-        fsync(dfd);
-        close(dfd);
-    }
-    return true;
+    return qcow2_create_file(path, img, total * cs, error);
 
 nospace:
     chainfs_set_error(error, ENOSPC, "%s: backing reference does not fit in "

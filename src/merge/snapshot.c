@@ -9,8 +9,13 @@
  *      a crash after step 1 leaves the overlay as the top of the chain on
  *      disk, and discovery gives it the recorded name of the chain below
  *      it; without a record it would be served under its own file name;
- *   1. create and open the overlay outside any lock (creation fsyncs the
- *      file and its directory: guest I/O must not wait for that);
+ *   1. create and open the overlay outside any lock (guest I/O must not
+ *      wait for that).  qcow2_create writes it under a hidden name, fsyncs
+ *      it, renames it into place and fsyncs the directory: a power cut
+ *      leaves either no overlay (discovery skips the hidden file) or a
+ *      whole one, never a name whose header reached the disk without its
+ *      refcount block or L1 table; and guest writes that later reach the
+ *      overlay are reachable through a durable name;
  *   2. take the topology write lock, which drains every in-flight request,
  *      and check that the active layer is still the one the overlay backs
  *      onto (a concurrent snapshot may have won);

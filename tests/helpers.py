@@ -402,5 +402,132 @@ def wait_job(path, states=("completed",), timeout=120):
     return last
 
 
+
+# ---------------------------------------------------------- fault injection
+
+FAULTINJECT = os.path.join(BUILD_DIR, "tests", "libfaultinject.so")
+
+
+def _asan_runtime(binary):
+    """The libasan a sanitizer build of binary links, or None.  ASan wants
+    its runtime first in the list of libraries: preloading it before the
+    shim keeps its link-order check on (verify_asan_link_order=0 would
+    work too, but hides a real misorder)."""
+    res = run(["ldd", binary], check=False)
+    for line in res.stdout.splitlines():
+        parts = line.split()
+        if parts and parts[0].startswith("libasan.so") and len(parts) >= 3:
+            return parts[2]
+    return None
+
+
+class FaultInjector:
+    """tests/faultinject.c for one daemon: its environment, its control
+    file (rules armed at run time) and the log of the faults it injected.
+
+    Rules are "OP:PATH-SUBSTRING:NTH:ERRNO[:COUNT]" (see faultinject.c).
+    arm() replaces the rules atomically (rename), and the daemon's next
+    intercepted call sees them, counting from 0."""
+
+    def __init__(self, dirpath, *rules):
+        self.dir = str(dirpath)
+        os.makedirs(self.dir, exist_ok=True)
+        self.ctl = os.path.join(self.dir, "faults.ctl")
+        self.log = os.path.join(self.dir, "faults.log")
+        self._seq = 0
+        self.arm(*rules)
+
+    def env(self, binary=None):
+        env = dict(os.environ)
+        preload = [FAULTINJECT]
+        asan = _asan_runtime(binary or CHAINFS)
+        if asan:
+            preload.insert(0, asan)
+        if env.get("LD_PRELOAD"):
+            preload.append(env["LD_PRELOAD"])
+        env["LD_PRELOAD"] = ":".join(preload)
+        env["CHAINFS_FAULT_CTL"] = self.ctl
+        env["CHAINFS_FAULT_LOG"] = self.log
+        return env
+
+    def arm(self, *rules):
+        self._seq += 1
+        tmp = "%s.%d" % (self.ctl, self._seq)
+        with open(tmp, "w") as f:
+            f.write("\n".join(rules) + "\n")
+        os.rename(tmp, self.ctl)
+
+    def disarm(self):
+        self.arm()
+
+    def fired(self, op=None, path=None):
+        """The faults injected so far: [(op, path, errno name, n)]."""
+        try:
+            with open(self.log) as f:
+                lines = f.read().splitlines()
+        except FileNotFoundError:
+            return []
+        out = []
+        for line in lines:
+            parts = line.split(" ")
+            o, e, n = parts[0], parts[-2], int(parts[-1])
+            p = " ".join(parts[1:-2])
+            if (op is None or o == op) and (path is None or path in p):
+                out.append((o, p, e, n))
+        return out
+
+    def wait_fired(self, op=None, path=None, count=1, timeout=60):
+        return wait_for(lambda: len(self.fired(op, path)) >= count and
+                        self.fired(op, path), timeout=timeout,
+                        what="%d fault(s) %s on %s" % (count, op, path))
+
+
+@contextlib.contextmanager
+def loop_ext4(path, size):
+    """An ext4 filesystem of exactly `size` bytes on a loop device, mounted
+    at path; unmounted and detached even when the test fails."""
+    path = str(path)
+    img = path + ".ext4"
+    os.makedirs(path, exist_ok=True)
+    with open(img, "wb") as f:
+        f.truncate(size)
+    # No reserved blocks, no lazy init (nothing writes behind the test's
+    # back), a journal as small as mkfs allows.
+    run(["mkfs.ext4", "-q", "-F", "-m", "0", "-E",
+         "lazy_itable_init=0,lazy_journal_init=0", img])
+    dev = run(["losetup", "-f", "--show", img]).stdout.strip()
+    try:
+        run(["mount", "-t", "ext4", dev, path])
+        try:
+            yield path
+        finally:
+            run(["umount", path], check=False)
+            if os.path.ismount(path):
+                run(["umount", "-l", path], check=False)
+    finally:
+        run(["losetup", "-d", dev], check=False)
+        os.unlink(img)
+
+
+def fs_free_bytes(path):
+    st = os.statvfs(str(path))
+    return st.f_bavail * st.f_frsize
+
+
+def fill_fs_leaving(path, room):
+    """Fill the filesystem of path with one file, leaving `room` bytes
+    free; return the filler's path.  fallocate makes it exact and fast."""
+    filler = os.path.join(str(path), "filler")
+    os.sync()
+    free = fs_free_bytes(path)
+    assert free > room, "only %d bytes free, %d wanted" % (free, room)
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        os.posix_fallocate(fd, 0, free - room)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return filler
+
 __all__ = [n for n in dir() if not n.startswith("_")] + ["errno", "os", "json", "random",
                                                           "signal", "subprocess", "time"]

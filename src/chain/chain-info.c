@@ -36,6 +36,10 @@ static void chain_info_append_layer(GString *out, Chain *chain, guint i)
         g_string_append_printf(out, "%" G_GUINT32_FORMAT, img->cluster_size);
     }
     json_append_member_string(out, "backing_format", backing_format);
+    /* Only when latched: absent means no I/O error (image.h). */
+    if (chain_image_io_error(img)) {
+        json_append_member_string(out, "io_error", chain_image_io_error(img));
+    }
     g_string_append_c(out, '}');
 }
 
@@ -53,7 +57,18 @@ char *chain_info_json(Chain *chain)
         }
         chain_info_append_layer(out, chain, i);
     }
+    g_string_append_c(out, ']');
+    /* The chain's: the first latched layer's, from the top (the one its
+     * flushes fail for; see chain_flush). */
+    for (guint i = 0; i < chain_depth(chain); i++) {
+        const char *io_error = chain_image_io_error(chain_layer(chain, i));
+
+        if (io_error) {
+            json_append_member_string(out, "io_error", io_error);
+            break;
+        }
+    }
     chain_topo_unlock(chain);
-    g_string_append(out, "]}");
+    g_string_append_c(out, '}');
     return g_string_free(out, FALSE);
 }

@@ -844,6 +844,11 @@ int chain_flush(Chain *chain)
     for (guint i = 0; i < chain_depth(chain); i++) {
         ChainImage *l = chain_layer(chain, i);
 
+        /* A layer whose write-back failed fails the flush of every chain
+         * that uses it, written or not (image.h: latched I/O errors). */
+        if (chain_image_io_latched(l) && ret == 0) {
+            ret = -EIO;
+        }
         if (l->writable && l->drv->flush) {
             int r = l->drv->flush(l);
 

@@ -75,6 +75,7 @@ static void image_free(ChainImage *img)
     g_free(img->backing_ref);
     g_free(img->backing_fmt);
     g_free(img->read_only_reason);
+    g_free(img->io_error);
     g_free(img);
 }
 

@@ -55,6 +55,14 @@ struct ChainImage {
      * refuses such an image read-write; chain_image_reopen refuses it
      * read-write with this message.  NULL when it may be written. */
     char *read_only_reason;
+    /* A latched I/O error: set once, by chain_image_latch_io_error(), when
+     * an fdatasync/fsync of the file failed, and kept until the image is
+     * closed (the daemon restarts).  Linux marks the pages whose write-back
+     * failed clean, so a later flush that succeeds proves nothing: from
+     * then on every flush fails with EIO and the driver writes no metadata
+     * that could point at data that never reached the disk.  NULL until
+     * then; read with g_atomic_pointer_get() from any thread, no lock. */
+    char *io_error;
 
     /*
      * Sizes.  virtual_size changes only through drv->grow(), which runs with
@@ -191,6 +199,26 @@ void chain_image_start_writeback(ChainImage *img);
  * Advisory.  Implemented in chain.c.
  */
 void chain_image_drop_cache(ChainImage *img);
+
+/*
+ * Latched I/O errors (see ChainImage.io_error).  Implemented in
+ * image-latch.c.
+ *
+ * chain_image_datasync: fdatasync of img->fd, the one way drivers make an
+ * image durable.  Returns -EIO at once when an error is latched; latches
+ * a failure (and returns its errno, this once).  Any thread, any lock.
+ *
+ * chain_image_latch_io_error: latch the failure of `call` with errno err,
+ * logging one line naming the image and the call; a second latch of the
+ * same image keeps the first message and logs nothing.
+ *
+ * chain_image_io_latched: true once latched.  chain_image_io_error: the
+ * message (valid until the image is freed), or NULL.
+ */
+int chain_image_datasync(ChainImage *img);
+void chain_image_latch_io_error(ChainImage *img, const char *call, int err);
+bool chain_image_io_latched(ChainImage *img);
+const char *chain_image_io_error(ChainImage *img);
 
 /* Pick the driver for a file: by backing_fmt name when given, else probe. */
 const ImageDriver *image_driver_by_name(const char *format_name);

@@ -105,6 +105,10 @@ static int rc_cursor_flush(ChainImage *img, RcCursor *c)
 
     if (c->dirty) {
         c->dirty = false;
+        /* A latched image takes no metadata writes (image.h). */
+        if (chain_image_io_latched(img)) {
+            return -EIO;
+        }
         return qcow2_pwrite_full(img->fd, c->buf, s->cluster_size, c->offset);
     }
     return 0;
@@ -163,7 +167,7 @@ int qcow2_get_refcount(ChainImage *img, uint64_t offset, uint64_t *refcount)
 int qcow2_sync_meta(ChainImage *img)
 {
     BDRVQcow2State *s = img->opaque;
-    int ret = qcow2_datasync(img->fd);
+    int ret = chain_image_datasync(img);
 
     if (ret == 0) {
         s->rc_unsynced = false;
@@ -353,6 +357,11 @@ int qcow2_alloc_clusters(ChainImage *img, uint64_t n, uint64_t *offset)
     BDRVQcow2State *s = img->opaque;
     int ret;
 
+    /* Whatever would point at new clusters of a latched image could never
+     * be made durable (no flush succeeds): refuse now, not at the flush. */
+    if (chain_image_io_latched(img)) {
+        return -EIO;
+    }
     if (qcow2_pool_left(s) < n) {
         /* A rest too small to be useful stays reserved: a leak, no harm. */
         s->pool_next = s->pool_end;
@@ -468,7 +477,7 @@ int qcow2_flush_and_free(ChainImage *img)
 
     /* Nothing new to make durable (overwrites in place only): one sync. */
     if (ret > 0 || (ret == 0 && frees->len > 0)) {
-        ret = qcow2_datasync(img->fd);
+        ret = chain_image_datasync(img);
     }
     g_mutex_lock(&img->meta_lock);
     if (ret < 0) {
@@ -521,12 +530,12 @@ void qcow2_release_pool_locked(ChainImage *img, bool sync)
      * file, and our next batch sets them again anyway.
      */
     if (ret == 0 && sync) {
-        ret = qcow2_datasync(img->fd);
+        ret = chain_image_datasync(img);
     }
     if (ret == 0) {
         s->pool_end = s->pool_next;
         if (ftruncate(img->fd, (off_t)s->pool_next) == 0 && sync) {
-            qcow2_datasync(img->fd);
+            chain_image_datasync(img);
         }
     }
     g_free(c.buf);

@@ -532,6 +532,9 @@ int qcow2_write_header_field64(ChainImage *img, unsigned off, uint64_t v)
     BDRVQcow2State *s = img->opaque;
     uint8_t b[8];
 
+    if (chain_image_io_latched(img)) {
+        return -EIO; /* no metadata writes: see image.h */
+    }
     qcow2_put_be64(b, v);
     if (off + 8 <= s->header_len) {
         memcpy(s->header_raw + off, b, 8);
@@ -636,6 +639,10 @@ static int qcow2_pwrite_zeroes(ChainImage *img, uint64_t offset,
 
 static int qcow2_flush(ChainImage *img)
 {
+    /* Latched, even read-only by now: the lost write-back stays lost. */
+    if (chain_image_io_latched(img)) {
+        return -EIO;
+    }
     if (!img->writable) {
         return 0;
     }
@@ -838,8 +845,10 @@ static bool qcow2_set_backing(ChainImage *img, const char *ref,
                           img->path, s->cluster_size);
         return false;
     }
-    /* One pwrite of the whole header cluster: the stale tail is zeroed. */
-    ret = qcow2_pwrite_full(img->fd, buf, s->cluster_size, 0);
+    /* One pwrite of the whole header cluster: the stale tail is zeroed.
+     * Never on a latched image (no metadata writes: see image.h). */
+    ret = chain_image_io_latched(img) ? -EIO :
+          qcow2_pwrite_full(img->fd, buf, s->cluster_size, 0);
     if (ret == 0) {
         ret = qcow2_sync_meta(img);
     }

@@ -189,10 +189,8 @@ static int raw_pwrite_zeroes(ChainImage *img, uint64_t offset, uint64_t bytes,
 
 static int raw_flush(ChainImage *img)
 {
-    if (fdatasync(img->fd) < 0) {
-        return -errno;
-    }
-    return 0;
+    /* Latches a failure, and fails every flush after it (image.h). */
+    return chain_image_datasync(img);
 }
 
 static bool raw_grow(ChainImage *img, uint64_t new_size, GError **error)

@@ -81,7 +81,10 @@ int main(int argc, char *argv[])
         goto out_args;
     }
     if (opts.show_version) {
-        printf("chainfs version %s\n", "0.1.0");
+        printf("chainfs version %s\n", CHAINFS_VERSION);
+        /* libfuse's part comes from fusermount3, a child writing to the
+         * same stdout: ours first. */
+        fflush(stdout);
         fuse_lowlevel_version();
         status = 0;
         goto out_args;

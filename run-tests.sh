@@ -37,5 +37,14 @@ run_suite build "normal build"
 # The sanitizer build runs everything but the long seeded stress tests.
 run_suite build-asan "asan+ubsan build" -m "not slow"
 
+# Once: build the .deb, install it, run the demo, mount(8) and fstab through
+# the installed binaries, purge it (tests/test_install.py, marker install).
+echo "=== Debian package: build, install, demo, mount -t fuse.chainfs, fstab, purge"
+if CHAINFS_INSTALL_TESTS=1 CHAINFS_BUILD_DIR="$PWD/build" /usr/bin/python3 -m pytest -p no:cacheprovider -q -m install tests/test_install.py; then
+  passed=$((passed + 1))
+else
+  failed=$((failed + 1)); fail=1
+fi
+
 echo "suites: $passed passed, $failed failed"
 exit $fail

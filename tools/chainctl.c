@@ -895,7 +895,7 @@ int main(int argc, char **argv)
         return CTL_EXIT_OK;
     }
     if (strcmp(cmd, "--version") == 0) {
-        printf("chainctl 0.1.0\n");
+        printf("chainctl %s\n", CHAINFS_VERSION);
         return CTL_EXIT_OK;
     }
     /* The subcommand parses argv[1..]: its own name stands as argv[0]. */

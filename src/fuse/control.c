@@ -17,6 +17,7 @@
 
 #include "chain-info.h"
 #include "chain-io.h"
+#include "chain-log.h"
 #include "export.h"
 #include "json.h"
 
@@ -147,19 +148,38 @@ static bool ctl_dispatch(Daemon *d, Export *e, const char *verb,
     return false;
 }
 
+/* The id of the job an accepted command started or acted on, for the
+ * log's CHAINFS_JOB field; NULL for a snapshot (no job) and a dry run. */
+static char *ctl_command_job_id(Export *e, const char *verb,
+                                const char *words)
+{
+    g_auto(GStrv) word = g_strsplit_set(words, " \t", -1);
+    g_autofree char *json = NULL;
+
+    if (strcmp(verb, "snapshot") == 0 ||
+        g_strv_contains((const char *const *)word, "dry-run")) {
+        return NULL;
+    }
+    json = merge_job_info_json(e->chain);
+    return json_get_member(json, "id");
+}
+
 /* ctl_run_command(), with what the command gives back (see ctl_dispatch). */
 static bool ctl_run(Daemon *d, Export *e, const char *verb, const char *value,
                     char **estimate, GError **error)
 {
     g_autoptr(GError) err = NULL;
     g_autofree char *words = g_strstrip(g_strdup(value ? value : ""));
+    g_autofree char *job_id = NULL;
 
     if (!ctl_dispatch(d, e, verb, words, estimate, &err)) {
         export_set_last_error(e, verb, err);
         g_propagate_error(error, g_steal_pointer(&err));
         return false;
     }
-    g_message("%s: %s%s%s", e->name, verb, words[0] ? " " : "", words);
+    job_id = ctl_command_job_id(e, verb, words);
+    chainfs_log(G_LOG_LEVEL_MESSAGE, e->name, job_id, "%s%s%s", verb,
+                words[0] ? " " : "", words);
     return true;
 }
 

@@ -10,6 +10,7 @@
 #include <unistd.h>
 
 #include "chain-io.h"
+#include "chain-log.h"
 #include "directory.h"
 #include "export.h"
 
@@ -54,7 +55,7 @@ static Export *export_new(Daemon *d, Chain *chain, uint64_t ino)
     return e;
 }
 
-Daemon *daemon_new(const char *image_dir, GError **error)
+Daemon *daemon_new(const char *image_dir, bool writable, GError **error)
 {
     g_autoptr(GPtrArray) warnings = g_ptr_array_new_with_free_func(g_free);
     g_autoptr(GPtrArray) found = NULL;
@@ -89,18 +90,21 @@ Daemon *daemon_new(const char *image_dir, GError **error)
                       dc->top_file, dc->export_name);
             continue;
         }
-        chain = chain_open(d->set, dc->top_file, dc->export_name, true, &err);
+        chain = chain_open(d->set, dc->top_file, dc->export_name, writable,
+                           &err);
         if (!chain) {
-            g_warning("chain %s (%s) left out: %s", dc->export_name,
-                      dc->top_file, err->message);
+            chainfs_log(G_LOG_LEVEL_WARNING, dc->export_name, NULL,
+                        "chain %s left out: %s", dc->top_file, err->message);
             continue;
         }
         g_ptr_array_add(d->exports,
                         export_new(d, chain,
                                    CHAINFS_EXPORT_INO_BASE + d->exports->len));
         merge_context_add_chain(d->merge, chain);
-        g_message("serving %s (%s, %u layer%s)", chain->name, dc->top_file,
-                  chain_depth(chain), chain_depth(chain) == 1 ? "" : "s");
+        chainfs_log(G_LOG_LEVEL_MESSAGE, chain->name, NULL,
+                    "serving %s, %u layer%s%s", dc->top_file,
+                    chain_depth(chain), chain_depth(chain) == 1 ? "" : "s",
+                    writable ? "" : ", read-only");
     }
 
     return d;
@@ -119,8 +123,8 @@ void daemon_resume_jobs(Daemon *d)
         g_autoptr(GError) err = NULL;
 
         if (!merge_resume_interrupted(d->merge, e->chain, &err)) {
-            g_warning("%s: cannot resume the interrupted job: %s", e->name,
-                      err->message);
+            chainfs_log(G_LOG_LEVEL_WARNING, e->name, NULL,
+                        "cannot resume the interrupted job: %s", err->message);
         }
     }
 }
@@ -142,8 +146,8 @@ bool daemon_free(Daemon *d)
         int ret = chain_flush(e->chain);
 
         if (ret < 0) {
-            g_warning("%s: flush at shutdown failed: %s", e->name,
-                      g_strerror(-ret));
+            chainfs_log(G_LOG_LEVEL_WARNING, e->name, NULL,
+                        "flush at shutdown failed: %s", g_strerror(-ret));
             ok = false;
         }
     }
@@ -241,8 +245,8 @@ void export_set_last_error(Export *e, const char *verb, const GError *err)
     g_free(e->last_error);
     e->last_error = g_strdup(err->message);
     g_mutex_unlock(&e->lock);
-    g_message("%s: %s refused: %s (%s)", e->name, verb, err->message,
-              g_strerror(chainfs_error_errno(err)));
+    chainfs_log(G_LOG_LEVEL_MESSAGE, e->name, NULL, "%s refused: %s (%s)",
+                verb, err->message, g_strerror(chainfs_error_errno(err)));
 }
 
 char *export_last_error(Export *e)

@@ -55,12 +55,13 @@ typedef struct Daemon {
 } Daemon;
 
 /*
- * Discover the chains of image_dir and open each read-write.  A chain that
+ * Discover the chains of image_dir and open each (its active layer
+ * read-write when writable).  A chain that
  * cannot be opened (broken, locked by another process, unsupported) is
  * left out with one warning naming the file and the reason.  Fails only
  * when the directory itself cannot be used.
  */
-Daemon *daemon_new(const char *image_dir, GError **error);
+Daemon *daemon_new(const char *image_dir, bool writable, GError **error);
 /*
  * Resume the jobs a crash cut off (merge_resume_interrupted on every
  * chain).  Called once the daemon runs in its final process: jobs run on

@@ -25,6 +25,7 @@
 #include <fuse_lowlevel.h>
 
 #include "chain-io.h"
+#include "chain-log.h"
 #include "export.h"
 
 #define CHAINFS_XATTR_PREFIX "user.chainfs."
@@ -311,8 +312,9 @@ static void chainfs_read(fuse_req_t req, fuse_ino_t ino, size_t size,
     }
     ret = chain_pread(e->chain, off, buf, size);
     if (ret < 0) {
-        g_debug("%s: read of %zu bytes at %jd failed: %s", e->name, size,
-                (intmax_t)off, g_strerror(-ret));
+        chainfs_log(G_LOG_LEVEL_DEBUG, e->name, NULL,
+                    "read of %zu bytes at %jd failed: %s", size,
+                    (intmax_t)off, g_strerror(-ret));
         fuse_reply_err(req, -ret);
         return;
     }
@@ -358,8 +360,9 @@ static void chainfs_write(fuse_req_t req, fuse_ino_t ino, const char *buf,
     size = MIN(size, disk_size - (uint64_t)off);
     ret = chain_pwrite(e->chain, off, buf, size);
     if (ret < 0) {
-        g_debug("%s: write of %zu bytes at %jd failed: %s", e->name, size,
-                (intmax_t)off, g_strerror(-ret));
+        chainfs_log(G_LOG_LEVEL_DEBUG, e->name, NULL,
+                    "write of %zu bytes at %jd failed: %s", size,
+                    (intmax_t)off, g_strerror(-ret));
         fuse_reply_err(req, -ret);
         return;
     }
@@ -383,7 +386,8 @@ static void chainfs_fsync(fuse_req_t req, fuse_ino_t ino, int datasync,
     if (e) {
         ret = chain_flush(e->chain);
         if (ret < 0) {
-            g_warning("%s: flush failed: %s", e->name, g_strerror(-ret));
+            chainfs_log(G_LOG_LEVEL_WARNING, e->name, NULL, "flush failed: %s",
+                        g_strerror(-ret));
         }
     }
     fuse_reply_err(req, ret < 0 ? -ret : 0);

@@ -255,6 +255,12 @@ static EntryFault entry_check(BDRVQcow2State *s, uint64_t l2e, uint64_t *host,
         off = l2e & QCOW2_L2E_OFFSET_MASK;
         len = cs;
         *host = off;
+        /* What it lands on first: a pointer into the header is about the
+         * header, though also misaligned. */
+        *onto = qcow2_meta_find(s, off, len, QCOW2_META_DATA);
+        if (*onto) {
+            return ENTRY_ON_METADATA;
+        }
         if (off & (cs - 1)) {
             return ENTRY_MISALIGNED;
         }
@@ -262,7 +268,7 @@ static EntryFault entry_check(BDRVQcow2State *s, uint64_t l2e, uint64_t *host,
         if (off >= ((s->file_end + cs - 1) & ~(cs - 1))) {
             return ENTRY_PAST_EOF;
         }
-        break;
+        return ENTRY_SOUND;
     case QCOW2_CL_COMPRESSED: {
         uint64_t nb = ((l2e >> s->csize_shift) & s->csize_mask) + 1;
         off = l2e & s->coffset_mask;

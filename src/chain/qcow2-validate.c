@@ -340,15 +340,22 @@ static void map_l2_tables(ChainImage *img)
         if (!off) {
             continue;
         }
-        if (!aligned(s, off) || !inside(s, off, cs)) {
+        /* What it lands on first: a pointer into the header is about the
+         * header, though also misaligned. */
+        const Qcow2MetaRange *onto = qcow2_meta_find(s, off, cs,
+                                                     QCOW2_META_DATA);
+        if (!onto && (!aligned(s, off) || !inside(s, off, cs))) {
             mark_bad_l2(s, i, g_strdup_printf(
                 "L2 table at host offset %" G_GUINT64_FORMAT " (L1 index %u) "
                 "is misaligned or past the end of the file", off, i));
             continue;
         }
-        if (qcow2_meta_add(s, QCOW2_META_L2, off, cs, &clash)) {
+        if (!onto && qcow2_meta_add(s, QCOW2_META_L2, off, cs, &clash)) {
             g_hash_table_insert(owner, &offs[i], GUINT_TO_POINTER(i + 1));
             continue;
+        }
+        if (onto) {
+            clash = *onto;
         }
         mark_bad_l2(s, i, g_strdup_printf(
             "L2 table at host offset %" G_GUINT64_FORMAT " (L1 index %u) "

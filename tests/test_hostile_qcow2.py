@@ -481,3 +481,22 @@ def test_read_only_filesystem_is_served_read_only(image_dir, mountpoint, tmp_pat
         assert out.startswith("read-only: "), out
     finally:
         run(["umount", str(ro)], check=False)
+
+
+@pytest.mark.parametrize("where", ["past-eof", "on-l1"])
+def test_bad_refcount_block_makes_the_image_read_only(where, image_dir, mountpoint, tmp_path):
+    """Reads never go through refcounts: the disk is served whole, but
+    nothing can be allocated, so it is served read-only."""
+    p = make_image(image_dir)
+    ref = reference(p, tmp_path)
+    q = Qcow2(p)
+    target = q.file_size() + 64 * CS if where == "past-eof" else q.l1_offset
+    q.write_u64(q.rt_offset, target)
+    before = file_sha256(str(p))
+    with mounted(image_dir, mountpoint) as m:
+        m.allowed_log = ["served read-only"]
+        exp = m.path(EXPORT)
+        assert_read_only_export(exp, [NAME, "refcount block 0",
+                                      "host offset %d" % target])
+        assert_reads(exp, ref, [])
+    assert file_sha256(str(p)) == before

@@ -316,13 +316,12 @@ char *qcow2_entry_fault(BDRVQcow2State *s, uint64_t l2e)
 static Qcow2ClusterType qcow2_read_type(BDRVQcow2State *s, uint64_t l2e)
 {
     Qcow2ClusterType t = qcow2_entry_type(s, l2e);
+    const Qcow2MetaRange *onto;
     uint64_t host;
 
     if (t == QCOW2_CL_ZERO_ALLOC) {
         return QCOW2_CL_ZERO_PLAIN;
     }
-    const Qcow2MetaRange *onto;
-
     if ((t == QCOW2_CL_NORMAL || t == QCOW2_CL_COMPRESSED) &&
         entry_check(s, l2e, &host, &onto) != ENTRY_SOUND) {
         return QCOW2_CL_CORRUPT;

@@ -237,6 +237,12 @@ int ctl_print_chain(const char *chain_json, const char *source)
     if (!layers) {
         return ctl_fail("malformed chain JSON from %s", source);
     }
+    /* Only when it says so: a daemon older than "writable" omits it. */
+    g_autofree char *writable = json_get_member(chain_json, "writable");
+    if (writable && strcmp(g_strstrip(writable), "false") == 0) {
+        g_autofree char *reason = ctl_json_member(chain_json, "reason");
+        printf("read-only: %s\n\n", reason ? reason : "yes");
+    }
     for (guint i = 0; i < layers->len; i++) {
         const char *l = g_ptr_array_index(layers, i);
         g_autofree char *file = ctl_json_member(l, "file");

@@ -1,5 +1,7 @@
 /* chain-info.c: see chain-info.h. */
+#include <errno.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "chain-info.h"
 #include "json.h"
@@ -43,14 +45,41 @@ static void chain_info_append_layer(GString *out, Chain *chain, guint i)
     g_string_append_c(out, '}');
 }
 
+/*
+ * Why the active layer cannot be written, or NULL when it can.  A layer
+ * opened read-only without a recorded reason (chainctl info opens the
+ * chain so) is asked of the filesystem: a read-only file or mount.
+ */
+static char *chain_info_read_only_reason(ChainImage *top)
+{
+    const char *why = chain_image_read_only_reason(top);
+
+    if (why) {
+        return g_strdup(why);
+    }
+    if (!top->writable && access(top->path, W_OK) < 0) {
+        int err = errno;
+        return g_strdup_printf("%s cannot be written: %s", top->path,
+                               g_strerror(err));
+    }
+    return NULL;
+}
+
 char *chain_info_json(Chain *chain)
 {
     GString *out = g_string_new("{");
+    g_autofree char *read_only = NULL;
 
     json_append_member_string(out, "name", chain->name);
+    chain_topo_rdlock(chain);
+    /* The export is writable when its active layer is. */
+    read_only = chain_info_read_only_reason(chain_layer(chain, 0));
+    json_append_member_bool(out, "writable", read_only == NULL);
+    if (read_only) {
+        json_append_member_string(out, "reason", read_only);
+    }
     json_append_key(out, "layers");
     g_string_append_c(out, '[');
-    chain_topo_rdlock(chain);
     for (guint i = 0; i < chain_depth(chain); i++) {
         if (i > 0) {
             g_string_append_c(out, ',');

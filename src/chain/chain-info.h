@@ -15,8 +15,11 @@
 #include "chain.h"
 
 /*
- * The chain as design.md's object {"name", "layers": [...]}, active layer
- * first.  Each layer: "file" (its name in the image directory), "format",
+ * The chain as design.md's object {"name", "writable", ["reason",]
+ * "layers": [...]}: "writable" false when the active layer cannot be
+ * written (its read-only reason, or a file or filesystem that refuses
+ * writes), with "reason" saying why; layers active layer first.  Each layer: "file" (its name
+ * in the image directory), "format",
  * "virtual_size", "allocated" (bytes its file uses on disk), "backing" (the
  * reference as stored, or null), and beyond design.md "cluster_size" (null
  * for raw) and "backing_format" (the backing file's format, as recorded or,

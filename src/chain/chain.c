@@ -392,8 +392,9 @@ bool chain_image_reopen(ChainImage *img, bool writable, GError **error)
     if (img->writable == writable) {
         return true;
     }
-    if (writable && img->read_only_reason) {
-        chainfs_set_error(error, EOPNOTSUPP, "%s", img->read_only_reason);
+    if (writable && chain_image_read_only_reason(img)) {
+        chainfs_set_error(error, EOPNOTSUPP, "%s",
+                          chain_image_read_only_reason(img));
         return false;
     }
 

@@ -19,6 +19,10 @@ void chain_image_latch_io_error(ChainImage *img, const char *call, int err)
         g_free(msg);
         return;
     }
+    /* The image then serves reads only (EROFS on writes, design.md's
+     * read-only exports): a write would allocate metadata that the next
+     * flush could not make durable. */
+    chain_image_mark_read_only(img, msg);
     g_warning("%s: %s failed: %s; latched: every flush of it fails and it "
               "takes no metadata writes until chainfs restarts", img->path,
               call, g_strerror(err));

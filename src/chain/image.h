@@ -51,9 +51,12 @@ struct ChainImage {
     bool writable;     /* opened read-write (changed only by reopen) */
     bool direct;       /* reserved: fd has O_DIRECT */
     /* Why the image may be read but never written (a qcow2 dirty or
-     * corrupt bit, as QEMU allows): set by the driver's open, which
-     * refuses such an image read-write; chain_image_reopen refuses it
-     * read-write with this message.  NULL when it may be written. */
+     * corrupt bit, as QEMU allows; metadata corruption found while
+     * running; a file or filesystem that cannot be written): NULL while
+     * it may be written.  Set once, through chain_image_mark_read_only
+     * (atomic; requests read it concurrently through
+     * chain_image_read_only_reason), never cleared or changed after;
+     * chain_image_reopen refuses such an image read-write with it. */
     char *read_only_reason;
     /* A latched I/O error: set once, by chain_image_latch_io_error(), when
      * an fdatasync/fsync of the file failed, and kept until the image is
@@ -219,6 +222,17 @@ int chain_image_datasync(ChainImage *img);
 void chain_image_latch_io_error(ChainImage *img, const char *call, int err);
 bool chain_image_io_latched(ChainImage *img);
 const char *chain_image_io_error(ChainImage *img);
+
+/*
+ * Make img read-only for the rest of its life in this process, for reason
+ * (copied): its writes fail with EROFS from now on.  Thread-safe, callable
+ * with any lock held; the first reason stays.  Returns TRUE when this call
+ * set it (the caller then logs), FALSE when img was read-only already.
+ * Implemented in read-only.c.
+ */
+bool chain_image_mark_read_only(ChainImage *img, const char *reason);
+/* Why img may not be written, or NULL.  Valid for img's lifetime. */
+const char *chain_image_read_only_reason(ChainImage *img);
 
 /* Pick the driver for a file: by backing_fmt name when given, else probe. */
 const ImageDriver *image_driver_by_name(const char *format_name);

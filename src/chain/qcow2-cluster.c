@@ -85,7 +85,8 @@ int qcow2_cache_write_dirty(ChainImage *img)
         if (!e->dirty) {
             continue;
         }
-        int ret = qcow2_pwrite_full(img->fd, e->table + e->dirty_lo,
+        int ret = qcow2_pwrite_meta(img, QCOW2_META_L2,
+                                    e->table + e->dirty_lo,
                                     (e->dirty_hi - e->dirty_lo) * 8,
                                     e->offset + e->dirty_lo * 8);
         if (ret < 0) {
@@ -234,6 +235,100 @@ Qcow2ClusterType qcow2_entry_type(BDRVQcow2State *s, uint64_t l2e)
     return QCOW2_CL_UNALLOCATED;
 }
 
+typedef enum {
+    ENTRY_SOUND,
+    ENTRY_MISALIGNED,
+    ENTRY_PAST_EOF,
+    ENTRY_ON_METADATA,
+} EntryFault;
+
+/* The check behind qcow2_entry_fault, cheap enough for every lookup. */
+static EntryFault entry_check(BDRVQcow2State *s, uint64_t l2e, uint64_t *host,
+                              const Qcow2MetaRange **onto)
+{
+    uint64_t cs = s->cluster_size;
+    uint64_t off, len;
+
+    switch (qcow2_entry_type(s, l2e)) {
+    case QCOW2_CL_NORMAL:
+    case QCOW2_CL_ZERO_ALLOC:
+        off = l2e & QCOW2_L2E_OFFSET_MASK;
+        len = cs;
+        *host = off;
+        /* What it lands on first: a pointer into the header is about the
+         * header, though also misaligned. */
+        *onto = qcow2_meta_find(s, off, len, QCOW2_META_DATA);
+        if (*onto) {
+            return ENTRY_ON_METADATA;
+        }
+        if (off & (cs - 1)) {
+            return ENTRY_MISALIGNED;
+        }
+        /* The last cluster may be short (a file QEMU left so). */
+        if (off >= ((s->file_end + cs - 1) & ~(cs - 1))) {
+            return ENTRY_PAST_EOF;
+        }
+        return ENTRY_SOUND;
+    case QCOW2_CL_COMPRESSED: {
+        uint64_t nb = ((l2e >> s->csize_shift) & s->csize_mask) + 1;
+        off = l2e & s->coffset_mask;
+        len = nb * 512 - (off & 511);
+        *host = off;
+        /* Compressed data ends within its last 512-byte sector. */
+        if (off + len > ((s->file_end + 511) & ~511ULL)) {
+            return ENTRY_PAST_EOF;
+        }
+        break;
+    }
+    default:
+        return ENTRY_SOUND;
+    }
+    *onto = qcow2_meta_find(s, off, len, QCOW2_META_DATA);
+    return *onto ? ENTRY_ON_METADATA : ENTRY_SOUND;
+}
+
+char *qcow2_entry_fault(BDRVQcow2State *s, uint64_t l2e)
+{
+    const Qcow2MetaRange *onto = NULL;
+    uint64_t host = 0;
+
+    switch (entry_check(s, l2e, &host, &onto)) {
+    case ENTRY_MISALIGNED:
+        return g_strdup_printf("host offset %" G_GUINT64_FORMAT " is "
+                               "misaligned", host);
+    case ENTRY_PAST_EOF:
+        return g_strdup_printf("host offset %" G_GUINT64_FORMAT " lies past "
+                               "the end of the file (%" G_GUINT64_FORMAT
+                               " bytes)", host, s->file_end);
+    case ENTRY_ON_METADATA:
+        return g_strdup_printf("host offset %" G_GUINT64_FORMAT " is on the "
+                               "%s at host offset %" G_GUINT64_FORMAT, host,
+                               qcow2_meta_name(onto->kind),
+                               MAX(onto->start, host & ~(uint64_t)
+                                   (s->cluster_size - 1)));
+    default:
+        return NULL;
+    }
+}
+
+/* The type a read goes by: a NORMAL or COMPRESSED entry that points
+ * somewhere it cannot is CORRUPT. */
+static Qcow2ClusterType qcow2_read_type(BDRVQcow2State *s, uint64_t l2e)
+{
+    Qcow2ClusterType t = qcow2_entry_type(s, l2e);
+    const Qcow2MetaRange *onto;
+    uint64_t host;
+
+    if (t == QCOW2_CL_ZERO_ALLOC) {
+        return QCOW2_CL_ZERO_PLAIN;
+    }
+    if ((t == QCOW2_CL_NORMAL || t == QCOW2_CL_COMPRESSED) &&
+        entry_check(s, l2e, &host, &onto) != ENTRY_SOUND) {
+        return QCOW2_CL_CORRUPT;
+    }
+    return t;
+}
+
 int qcow2_get_run(ChainImage *img, uint64_t offset, uint64_t bytes,
                   bool want_contig, Qcow2ClusterType *type, uint64_t *host,
                   uint64_t *pnum)
@@ -254,17 +349,25 @@ int qcow2_get_run(ChainImage *img, uint64_t offset, uint64_t bytes,
         uint64_t *table;
         int ret;
 
-        if (l1i >= s->l1_size ||
-            !(s->l1_table[l1i] & QCOW2_L1E_OFFSET_MASK)) {
-            /* A whole L2 range (or everything past L1) is unallocated. */
-            if (!first && *type != QCOW2_CL_UNALLOCATED) {
+        bool no_table = l1i >= s->l1_size ||
+                        !(s->l1_table[l1i] & QCOW2_L1E_OFFSET_MASK);
+        if (no_table || qcow2_bad_l2(s, l1i)) {
+            /* A whole L2 range (or everything past L1) is unallocated, or
+             * its table cannot be trusted. */
+            Qcow2ClusterType t = no_table ? QCOW2_CL_UNALLOCATED
+                                          : QCOW2_CL_CORRUPT;
+            if (!first && *type != t) {
                 break;
             }
             first = false;
+            *type = t;
             uint64_t span_end = l1i >= s->l1_size
                                 ? offset + bytes
                                 : ((l1i + 1) << (s->l2_bits + s->cluster_bits));
             done = MIN(bytes, span_end - offset);
+            if (t == QCOW2_CL_CORRUPT && want_contig) {
+                break;
+            }
             continue;
         }
         ret = qcow2_cache_get(img, s->l1_table[l1i] & QCOW2_L1E_OFFSET_MASK,
@@ -274,35 +377,29 @@ int qcow2_get_run(ChainImage *img, uint64_t offset, uint64_t bytes,
         }
         for (; l2i < s->l2_size && done < bytes; l2i++) {
             uint64_t e = GUINT64_FROM_BE(table[l2i]);
-            Qcow2ClusterType t = qcow2_entry_type(s, e);
+            Qcow2ClusterType t = qcow2_read_type(s, e);
             uint64_t intra = (offset + done) & (cs - 1);
             uint64_t chunk = MIN(cs - intra, bytes - done);
 
-            if (t == QCOW2_CL_ZERO_ALLOC) {
-                t = QCOW2_CL_ZERO_PLAIN;
-            }
             if (first) {
                 first = false;
                 *type = t;
                 if (t == QCOW2_CL_NORMAL) {
                     uint64_t h = e & QCOW2_L2E_OFFSET_MASK;
-                    if (h & (cs - 1)) {
-                        g_warning("%s: corrupt L2 entry %" G_GINT64_MODIFIER
-                                  "x (misaligned)", img->path, e);
-                        return -EIO;
-                    }
                     *host = h + intra;
                     expect_host = h + intra + chunk;
-                } else if (t == QCOW2_CL_COMPRESSED) {
+                } else if (t == QCOW2_CL_COMPRESSED ||
+                           t == QCOW2_CL_CORRUPT) {
                     *host = e;
                 }
                 done += chunk;
-                if (t == QCOW2_CL_COMPRESSED && want_contig) {
+                if ((t == QCOW2_CL_COMPRESSED || t == QCOW2_CL_CORRUPT) &&
+                    want_contig) {
                     goto out;
                 }
                 continue;
             }
-            if (t != *type) {
+            if (t != *type || (t == QCOW2_CL_CORRUPT && want_contig)) {
                 goto out;
             }
             if (t == QCOW2_CL_NORMAL && want_contig) {
@@ -372,6 +469,12 @@ static int qcow2_l2_prepare(ChainImage *img, uint64_t l1i)
     uint8_t be[8];
     int ret;
 
+    const char *bad = qcow2_bad_l2(s, l1i);
+    if (bad) {
+        /* Writing through it would write onto whatever it points at. */
+        return qcow2_signal_corruption(img, "preventing a write through "
+                                       "a corrupt L2 table: %s", bad);
+    }
     if (old && (l1e & QCOW2_OFLAG_COPIED)) {
         return 0;
     }
@@ -387,7 +490,14 @@ static int qcow2_l2_prepare(ChainImage *img, uint64_t l1i)
     if (ret < 0) {
         return ret;
     }
-    ret = qcow2_pwrite_full(img->fd, content, s->cluster_size, new_off);
+    /* The new table is metadata from now on (a fresh cluster: no clash). */
+    if (!qcow2_meta_add(s, QCOW2_META_L2, new_off, s->cluster_size, NULL)) {
+        return qcow2_signal_corruption(img, "new L2 table at host offset %"
+                                       G_GUINT64_FORMAT " lands on metadata",
+                                       new_off);
+    }
+    ret = qcow2_pwrite_meta(img, QCOW2_META_L2, content, s->cluster_size,
+                            new_off);
     if (ret == 0 && (old || s->rc_unsynced)) {
         /* A copied table's content, or the new cluster's refcount (see
          * qcow2-refcount.c), must be durable before the L1 entry is. */
@@ -397,7 +507,8 @@ static int qcow2_l2_prepare(ChainImage *img, uint64_t l1i)
         return ret;
     }
     qcow2_put_be64(be, new_off | QCOW2_OFLAG_COPIED);
-    ret = qcow2_pwrite_full(img->fd, be, 8, s->l1_offset + l1i * 8);
+    ret = qcow2_pwrite_meta(img, QCOW2_META_L1, be, 8,
+                            s->l1_offset + l1i * 8);
     if (ret < 0) {
         return ret;
     }
@@ -407,8 +518,11 @@ static int qcow2_l2_prepare(ChainImage *img, uint64_t l1i)
         return ret;
     }
     if (old) {
-        /* The snapshot keeps the old table; we drop our reference. */
+        /* The snapshot keeps the old table; we drop our reference (and
+         * stop tracking it: inactive L2 tables are not checked, as in
+         * QEMU's default overlap checks). */
         qcow2_cache_forget(s, old);
+        qcow2_meta_remove(s, QCOW2_META_L2, old, s->cluster_size);
         qcow2_defer_free(s, old, s->cluster_size);
     }
     return 0;
@@ -464,6 +578,43 @@ static bool qcow2_inflight_has(BDRVQcow2State *s, uint64_t gc)
 }
 
 /*
+ * An overwrite in place of the cluster entry e0 names, at [host, host+len)
+ * (host includes the offset into the cluster): the cluster must be
+ * aligned, inside the file and clear of metadata.  Else the image is
+ * marked corrupt and the write fails with EIO.  meta_lock held.
+ */
+static int qcow2_check_data_write(ChainImage *img, uint64_t e0, uint64_t host,
+                                  uint64_t len)
+{
+    BDRVQcow2State *s = img->opaque;
+    g_autofree char *fault = qcow2_entry_fault(s, e0);
+
+    if (fault) {
+        return qcow2_signal_corruption(img, "preventing a guest write of %"
+                                       G_GUINT64_FORMAT " bytes at host "
+                                       "offset %" G_GUINT64_FORMAT ": %s",
+                                       len, host, fault);
+    }
+    return qcow2_check_write(img, QCOW2_META_DATA, host, len);
+}
+
+/* Entries a write replaces must be sound (see qcow2_entry_fault). */
+static int qcow2_check_old_entries(ChainImage *img, const uint64_t *old,
+                                   uint64_t n)
+{
+    BDRVQcow2State *s = img->opaque;
+
+    for (uint64_t i = 0; i < n; i++) {
+        g_autofree char *fault = qcow2_entry_fault(s, old[i]);
+        if (fault) {
+            return qcow2_signal_corruption(img, "preventing a write over a "
+                                           "corrupt L2 entry: %s", fault);
+        }
+    }
+    return 0;
+}
+
+/*
  * One step of a write: the longest run from offset that is either written
  * in place (owned, host-contiguous clusters) or allocated in one go.
  * Returns the bytes written (> 0) or negative errno.
@@ -493,7 +644,9 @@ retry:
         goto retry;
     }
     uint64_t l1e = s->l1_table[l1i];
-    if (!(l1e & QCOW2_L1E_OFFSET_MASK) || !(l1e & QCOW2_OFLAG_COPIED)) {
+    if (!(l1e & QCOW2_L1E_OFFSET_MASK) || !(l1e & QCOW2_OFLAG_COPIED) ||
+        qcow2_bad_l2(s, l1i)) {
+        /* (refuses a corrupt table, marking the image corrupt) */
         ret = qcow2_l2_prepare(img, l1i);
         if (ret < 0) {
             g_mutex_unlock(&img->meta_lock);
@@ -521,7 +674,11 @@ retry:
             }
             len = MIN(len + cs, bytes);
         }
+        ret = qcow2_check_data_write(img, e0, host + intra, len);
         g_mutex_unlock(&img->meta_lock);
+        if (ret < 0) {
+            return ret;
+        }
         ret = qcow2_pwrite_full(img->fd, buf, len, host + intra);
         return ret < 0 ? ret : (int64_t)len;
     }
@@ -557,6 +714,19 @@ retry:
     old = g_new(uint64_t, n);
     for (uint64_t i = 0; i < n; i++) {
         old[i] = GUINT64_FROM_BE(table[l2i + i]);
+    }
+    /* The old entries are read (copy-on-write) and released: a corrupt
+     * one would copy metadata into the guest's data and drop a refcount
+     * of metadata.  The new clusters are fresh; checked all the same. */
+    ret = qcow2_check_old_entries(img, old, n);
+    if (ret == 0) {
+        ret = qcow2_check_write(img, QCOW2_META_DATA, host, n * cs);
+    }
+    if (ret < 0) {
+        g_mutex_unlock(&img->meta_lock);
+        return ret;
+    }
+    for (uint64_t i = 0; i < n; i++) {
         g_hash_table_add(s->inflight, GSIZE_TO_POINTER(gc0 + i + 1));
     }
     g_mutex_unlock(&img->meta_lock);
@@ -633,7 +803,7 @@ static int qcow2_before_write(ChainImage *img)
     BDRVQcow2State *s = img->opaque;
     int ret = 0;
 
-    if (!img->writable) {
+    if (!img->writable || chain_image_read_only_reason(img)) {
         return -EROFS;
     }
     if (!g_atomic_int_get(&s->autoclear_pending)) {
@@ -746,6 +916,14 @@ static int qcow2_zero_clusters(ChainImage *img, uint64_t gc, uint64_t count,
             break;
         }
         g_autofree uint64_t *old = g_new(uint64_t, n);
+        for (uint64_t i = 0; i < n; i++) {
+            old[i] = GUINT64_FROM_BE(table[l2i + i]);
+        }
+        /* Their clusters are released: none may be metadata. */
+        ret = qcow2_check_old_entries(img, old, n);
+        if (ret < 0) {
+            break;
+        }
         for (uint64_t i = 0; i < n; i++) {
             uint64_t e = GUINT64_FROM_BE(table[l2i + i]);
             Qcow2ClusterType t = qcow2_entry_type(s, e);

@@ -63,7 +63,31 @@ typedef enum {
     QCOW2_CL_ZERO_ALLOC,  /* zero flag, host cluster kept (preallocated) */
     QCOW2_CL_NORMAL,
     QCOW2_CL_COMPRESSED,
+    QCOW2_CL_CORRUPT,     /* the table or entry leading here is corrupt
+                             (past the end of the file, misaligned, or on
+                             metadata): reads fail with EIO */
 } Qcow2ClusterType;
+
+/* What a host range of the image file holds (qcow2-overlap.c). */
+typedef enum {
+    QCOW2_META_DATA = 0,     /* guest data: never in the map */
+    QCOW2_META_HEADER,
+    QCOW2_META_L1,
+    QCOW2_META_L2,
+    QCOW2_META_RT,
+    QCOW2_META_RB,
+    QCOW2_META_SNAPSHOTS,
+    QCOW2_META_SNAPSHOT_L1,
+    QCOW2_META_BITMAP_DIR,
+    QCOW2_META_BITMAP_TABLE,
+} Qcow2MetaKind;
+
+/* One range of the metadata map: [start, end), cluster aligned. */
+typedef struct {
+    uint64_t start;
+    uint64_t end;
+    Qcow2MetaKind kind;
+} Qcow2MetaRange;
 
 /* A header extension we do not interpret, kept verbatim for rewrites. */
 typedef struct {
@@ -106,8 +130,9 @@ typedef struct BDRVQcow2State {
     uint8_t *header_raw;       /* the header as read (header_len bytes) */
     uint32_t header_len;
     GPtrArray *exts;           /* of Qcow2Ext *: kept verbatim on rewrite */
-    uint64_t snapshots_offset; /* preserved, never interpreted */
+    uint64_t snapshots_offset; /* preserved; checked at open */
     uint32_t nb_snapshots;
+    uint64_t snapshots_size;   /* bytes of the snapshot table (open) */
 
     /* protected by meta_lock */
     uint64_t *l1_table;        /* host byte order */
@@ -135,6 +160,15 @@ typedef struct BDRVQcow2State {
     GHashTable *inflight;      /* guest cluster index (as pointer key) */
     GCond inflight_cond;
 
+    /* protected by meta_lock: where metadata lies (qcow2-overlap.c) */
+    GArray *meta;              /* of Qcow2MetaRange, sorted, disjoint */
+    uint64_t file_end;         /* size of the file as we made it */
+    /* L1 indices whose L2 table is corrupt (past the end of the file,
+     * misaligned, on other metadata or shared by two entries): reads of
+     * their range fail with EIO, a write marks the image corrupt.  NULL
+     * when there is none; index -> reason (owned string). */
+    GHashTable *bad_l2;
+
 } BDRVQcow2State;
 
 /* ---- byte order helpers -------------------------------------------- */
@@ -151,6 +185,11 @@ static inline uint32_t qcow2_be32(const void *p)
     const uint8_t *b = p;
     return ((uint32_t)b[0] << 24) | ((uint32_t)b[1] << 16) |
            ((uint32_t)b[2] << 8) | b[3];
+}
+static inline uint16_t qcow2_be16(const void *p)
+{
+    const uint8_t *b = p;
+    return (uint16_t)(((unsigned)b[0] << 8) | b[1]);
 }
 static inline void qcow2_put_be64(void *p, uint64_t v)
 {
@@ -200,6 +239,16 @@ int qcow2_get_run(ChainImage *img, uint64_t offset, uint64_t bytes,
                   bool want_contig, Qcow2ClusterType *type, uint64_t *host,
                   uint64_t *pnum);
 
+/*
+ * Whether an L2 entry (host byte order) points somewhere it may: for a
+ * NORMAL, ZERO_ALLOC or COMPRESSED entry, NULL when its host range is
+ * aligned, inside the file and clear of metadata; else what is wrong, as
+ * a phrase naming the host offset ("host offset N is on the refcount
+ * block at host offset M"), newly allocated.  NULL for other entries.
+ * meta_lock held.
+ */
+char *qcow2_entry_fault(BDRVQcow2State *s, uint64_t l2e);
+
 /* Decompress one compressed cluster (raw L2 entry l2e) into out
  * (cluster_size bytes).  No lock needed.  0 or negative errno. */
 int qcow2_read_compressed(ChainImage *img, uint64_t l2e, uint8_t *out);
@@ -242,6 +291,58 @@ int qcow2_flush_and_free(ChainImage *img);
 void qcow2_release_pool(ChainImage *img);
 /* Same with meta_lock held; sync: fdatasync before and after truncating. */
 void qcow2_release_pool_locked(ChainImage *img, bool sync);
+/* ---- metadata map and overlap checks (qcow2-overlap.c) --------------
+ * Every function with meta_lock held. */
+void qcow2_meta_init(BDRVQcow2State *s);
+void qcow2_meta_free(BDRVQcow2State *s);
+const char *qcow2_meta_name(Qcow2MetaKind kind);
+/* Record [off, off+len) (widened to clusters) as metadata of kind.  FALSE,
+ * with the range it would overlap in *clash, when it overlaps any. */
+bool qcow2_meta_add(BDRVQcow2State *s, Qcow2MetaKind kind, uint64_t off,
+                    uint64_t len, Qcow2MetaRange *clash);
+/* Forget the clusters of [off, off+len) recorded as kind. */
+void qcow2_meta_remove(BDRVQcow2State *s, Qcow2MetaKind kind, uint64_t off,
+                       uint64_t len);
+/* The first metadata range other than `allowed` overlapping the clusters
+ * of [off, off+len), or NULL.  O(log n). */
+const Qcow2MetaRange *qcow2_meta_find(BDRVQcow2State *s, uint64_t off,
+                                      uint64_t len, Qcow2MetaKind allowed);
+/*
+ * Before any write to the image file: a write of kind (QCOW2_META_DATA
+ * for guest data) to [off, off+len) must not touch metadata of another
+ * kind.  On a violation: -EIO, the image marked corrupt
+ * (qcow2_signal_corruption).  0 when the write may go ahead.
+ */
+int qcow2_check_write(ChainImage *img, Qcow2MetaKind kind, uint64_t off,
+                      uint64_t len);
+/* qcow2_check_write, then qcow2_pwrite_full. */
+int qcow2_pwrite_meta(ChainImage *img, Qcow2MetaKind kind, const void *buf,
+                      size_t len, uint64_t off);
+/*
+ * Fatal metadata corruption met on a write: the first event logs one
+ * line naming the image and what (printf format), sets the corrupt bit
+ * (version 3) and makes the image read-only for the rest of its life in
+ * this process (chain_image_mark_read_only).  Returns -EIO.
+ */
+int qcow2_signal_corruption(ChainImage *img, const char *fmt, ...)
+    G_GNUC_PRINTF(2, 3);
+
+/* ---- checks at open (qcow2-validate.c) ------------------------------- */
+/*
+ * After the L1 and refcount tables were read: check the header-level
+ * tables (L1, refcount table, snapshot table and each snapshot's L1, the
+ * bitmap directory and tables when the bitmaps extension is valid) lie
+ * inside the file, aligned, within their size limits, clear of each
+ * other; refuse the image otherwise (EINVAL, naming it and the table).
+ * Then record every one of them, each refcount block and each L2 table in
+ * the metadata map.  An L2 table that is corrupt puts its L1 index in
+ * s->bad_l2; a refcount block that is makes the image read-only (it is
+ * refused read-write with EROFS).  Reads only.
+ */
+bool qcow2_validate_and_map(ChainImage *img, GError **error);
+/* The reason L1 index l1i's table is corrupt, or NULL.  meta_lock held. */
+const char *qcow2_bad_l2(BDRVQcow2State *s, uint64_t l1i);
+
 /* Header writes (qcow2.c) */
 int qcow2_write_header_field64(ChainImage *img, unsigned off, uint64_t v);
 

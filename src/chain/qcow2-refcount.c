@@ -105,11 +105,8 @@ static int rc_cursor_flush(ChainImage *img, RcCursor *c)
 
     if (c->dirty) {
         c->dirty = false;
-        /* A latched image takes no metadata writes (image.h). */
-        if (chain_image_io_latched(img)) {
-            return -EIO;
-        }
-        return qcow2_pwrite_full(img->fd, c->buf, s->cluster_size, c->offset);
+        return qcow2_pwrite_meta(img, QCOW2_META_RB, c->buf, s->cluster_size,
+                                 c->offset);
     }
     return 0;
 }
@@ -236,6 +233,7 @@ static int qcow2_reserve_batch(ChainImage *img, uint64_t want)
     if (ftruncate(img->fd, (off_t)end) < 0) {
         return -errno;
     }
+    s->file_end = end;
 
     /* Refcount 1 for every cluster of the batch, metadata included. */
     newblks = g_malloc0(MAX(1, meta_rb) * cs);
@@ -268,7 +266,15 @@ static int qcow2_reserve_batch(ChainImage *img, uint64_t want)
     g_assert(next_new == meta_rb);
     ret = rc_cursor_flush(img, &c);
     if (ret == 0 && meta_rb > 0) {
-        ret = qcow2_pwrite_full(img->fd, newblks, meta_rb * cs, rb_off);
+        /* Fresh clusters at the end of the file: metadata from now on. */
+        if (!qcow2_meta_add(s, QCOW2_META_RB, rb_off, meta_rb * cs, NULL)) {
+            ret = qcow2_signal_corruption(img, "new refcount blocks at host "
+                                          "offset %" G_GUINT64_FORMAT
+                                          " land on metadata", rb_off);
+        } else {
+            ret = qcow2_pwrite_meta(img, QCOW2_META_RB, newblks,
+                                    meta_rb * cs, rb_off);
+        }
     }
     if (ret < 0) {
         goto out;
@@ -298,14 +304,20 @@ static int qcow2_reserve_batch(ChainImage *img, uint64_t want)
         for (uint64_t i = 0; i < n; i++) {
             be[i] = GUINT64_TO_BE(newrt[i]);
         }
-        ret = qcow2_pwrite_full(img->fd, be, n * 8, rt_off);
+        if (!qcow2_meta_add(s, QCOW2_META_RT, rt_off, n * 8, NULL)) {
+            ret = qcow2_signal_corruption(img, "new refcount table at host "
+                                          "offset %" G_GUINT64_FORMAT
+                                          " lands on metadata", rt_off);
+        } else {
+            ret = qcow2_pwrite_meta(img, QCOW2_META_RT, be, n * 8, rt_off);
+        }
         if (ret == 0) {
             ret = qcow2_sync_meta(img);
         }
         if (ret == 0) {
             qcow2_put_be64(h, rt_off);
             qcow2_put_be32(h + 8, (uint32_t)meta_rt);
-            ret = qcow2_pwrite_full(img->fd, h, sizeof(h), 48);
+            ret = qcow2_pwrite_meta(img, QCOW2_META_HEADER, h, sizeof(h), 48);
             if (ret == 0) {
                 memcpy(s->header_raw + 48, h, sizeof(h));
                 ret = qcow2_sync_meta(img);
@@ -315,6 +327,10 @@ static int qcow2_reserve_batch(ChainImage *img, uint64_t want)
             goto out;
         }
         qcow2_defer_free(s, s->rt_offset, (uint64_t)s->rt_clusters * cs);
+        /* The header names the new table: the old one is not metadata
+         * any more (its clusters are never reused, see above). */
+        qcow2_meta_remove(s, QCOW2_META_RT, s->rt_offset,
+                          (uint64_t)s->rt_clusters * cs);
         g_free(s->rt);
         s->rt = g_steal_pointer(&newrt);
         s->rt_entries = n;
@@ -334,7 +350,7 @@ static int qcow2_reserve_batch(ChainImage *img, uint64_t want)
         for (uint64_t b = lo; b < hi; b++) {
             be[b - lo] = GUINT64_TO_BE(s->rt[b]);
         }
-        ret = qcow2_pwrite_full(img->fd, be, (hi - lo) * 8,
+        ret = qcow2_pwrite_meta(img, QCOW2_META_RT, be, (hi - lo) * 8,
                                 s->rt_offset + lo * 8);
         if (ret == 0) {
             ret = qcow2_sync_meta(img);
@@ -534,8 +550,11 @@ void qcow2_release_pool_locked(ChainImage *img, bool sync)
     }
     if (ret == 0) {
         s->pool_end = s->pool_next;
-        if (ftruncate(img->fd, (off_t)s->pool_next) == 0 && sync) {
-            chain_image_datasync(img);
+        if (ftruncate(img->fd, (off_t)s->pool_next) == 0) {
+            s->file_end = s->pool_next;
+            if (sync) {
+                chain_image_datasync(img);
+            }
         }
     }
     g_free(c.buf);

@@ -110,6 +110,10 @@ static void qcow2_state_free(BDRVQcow2State *s)
         return;
     }
     qcow2_cache_free(s);
+    qcow2_meta_free(s);
+    if (s->bad_l2) {
+        g_hash_table_unref(s->bad_l2);
+    }
     g_free(s->l1_table);
     g_free(s->rt);
     g_free(s->header_raw);
@@ -220,8 +224,7 @@ static bool qcow2_check_features(ChainImage *img, BDRVQcow2State *s,
             chainfs_set_error(error, EOPNOTSUPP, "%s", why);
             return false;
         }
-        g_free(img->read_only_reason);
-        img->read_only_reason = g_steal_pointer(&why);
+        chain_image_mark_read_only(img, why);
     }
     if (s->incompat & QCOW2_INCOMPAT_DATA_FILE) {
         chainfs_set_error(error, EOPNOTSUPP,
@@ -468,12 +471,15 @@ static bool qcow2_open(ChainImage *img, GError **error)
     for (uint64_t i = 0; i < s->rt_entries; i++) {
         s->rt[i] = GUINT64_FROM_BE(s->rt[i]);
     }
-    if (s->nb_snapshots > 0 && (s->snapshots_offset & (cs - 1))) {
-        chainfs_set_error(error, EINVAL,
-                          "%s: corrupt qcow2 header: snapshot table "
-                          "misaligned", img->path);
+    /* Every header-level table checked, the metadata map built.  It
+     * needs img->opaque for its messages; nothing reads it meanwhile. */
+    s->file_end = file_size;
+    img->opaque = s;
+    if (!qcow2_validate_and_map(img, error)) {
+        img->opaque = NULL;
         goto fail;
     }
+    img->opaque = NULL;
 
     qcow2_cache_init(s);
     s->pool_next = s->pool_end = (file_size + cs - 1) & ~(cs - 1);
@@ -539,7 +545,7 @@ int qcow2_write_header_field64(ChainImage *img, unsigned off, uint64_t v)
     if (off + 8 <= s->header_len) {
         memcpy(s->header_raw + off, b, 8);
     }
-    return qcow2_pwrite_full(img->fd, b, 8, off);
+    return qcow2_pwrite_meta(img, QCOW2_META_HEADER, b, 8, off);
 }
 
 /* ---- read path -------------------------------------------------------- */
@@ -559,6 +565,8 @@ static int qcow2_block_status(ChainImage *img, uint64_t offset,
     }
     switch (type) {
     case QCOW2_CL_NORMAL:
+    case QCOW2_CL_CORRUPT:
+        /* This layer owns it: reads come here, and fail. */
         return BLOCK_DATA;
     case QCOW2_CL_COMPRESSED:
         return BLOCK_COMPRESSED;
@@ -578,6 +586,33 @@ static int qcow2_block_status(ChainImage *img, uint64_t offset,
  * clusters are never reused after being freed, so a racing read of an old
  * mapping still reads the old bytes.
  */
+/*
+ * A read reached a corrupt table or entry: one log line naming the image,
+ * the guest offset and what is wrong (which host offset, pointing where),
+ * and EIO for this read only.  l2e is what qcow2_get_run returned in
+ * *host for the CORRUPT run: the L2 entry, or 0 for a bad L2 table.
+ */
+static int qcow2_read_corrupt(ChainImage *img, uint64_t offset, uint64_t l2e)
+{
+    BDRVQcow2State *s = img->opaque;
+    uint64_t l1i = (offset >> s->cluster_bits) >> s->l2_bits;
+    g_autofree char *why = NULL;
+
+    g_mutex_lock(&img->meta_lock);
+    const char *bad_table = qcow2_bad_l2(s, l1i);
+    if (bad_table) {
+        why = g_strdup(bad_table);
+    } else {
+        g_autofree char *fault = qcow2_entry_fault(s, l2e);
+        why = g_strdup_printf("its L2 entry is corrupt: %s",
+                              fault ? fault : "invalid");
+    }
+    g_mutex_unlock(&img->meta_lock);
+    g_warning("%s: read of guest offset %" G_GUINT64_FORMAT " refused: %s",
+              img->path, offset, why);
+    return -EIO;
+}
+
 static int qcow2_pread(ChainImage *img, uint64_t offset, void *buf,
                        uint64_t bytes)
 {
@@ -600,6 +635,8 @@ static int qcow2_pread(ChainImage *img, uint64_t offset, void *buf,
         case QCOW2_CL_NORMAL:
             ret = qcow2_pread_full(img->fd, p, n, host);
             break;
+        case QCOW2_CL_CORRUPT:
+            return qcow2_read_corrupt(img, offset, host);
         case QCOW2_CL_COMPRESSED: {
             uint64_t intra = offset & (s->cluster_size - 1);
             if (!bounce) {
@@ -661,6 +698,24 @@ static uint64_t qcow2_allocated_bytes(ChainImage *img)
 
 /* ---- grow ------------------------------------------------------------- */
 
+/* Control paths that write: refused with EROFS on an image opened
+ * read-only or made read-only since (the reason then says why). */
+static bool qcow2_may_write(ChainImage *img, GError **error)
+{
+    const char *why = chain_image_read_only_reason(img);
+
+    if (why) {
+        chainfs_set_error(error, EROFS, "%s", why);
+        return false;
+    }
+    if (!img->writable) {
+        chainfs_set_error(error, EROFS, "%s: image is open read-only",
+                          img->path);
+        return false;
+    }
+    return true;
+}
+
 /*
  * Order: a larger L1 table is written and synced in fresh clusters before
  * the header switches to it (size, l1_size and l1_offset change together
@@ -684,9 +739,7 @@ static bool qcow2_grow(ChainImage *img, uint64_t new_size, GError **error)
     if (new_size == img->virtual_size) {
         return true;
     }
-    if (!img->writable) {
-        chainfs_set_error(error, EROFS, "%s: image is open read-only",
-                          img->path);
+    if (!qcow2_may_write(img, error)) {
         return false;
     }
     uint64_t l1_needed = (new_size + l2_span - 1) / l2_span;
@@ -708,8 +761,14 @@ static bool qcow2_grow(ChainImage *img, uint64_t new_size, GError **error)
             t[i] = GUINT64_TO_BE(s->l1_table[i]);
         }
         ret = qcow2_alloc_clusters(img, nbytes / cs, &new_off);
+        if (ret == 0 &&
+            !qcow2_meta_add(s, QCOW2_META_L1, new_off, nbytes, NULL)) {
+            ret = qcow2_signal_corruption(img, "new L1 table at host offset %"
+                                          G_GUINT64_FORMAT " lands on "
+                                          "metadata", new_off);
+        }
         if (ret == 0) {
-            ret = qcow2_pwrite_full(img->fd, t, nbytes, new_off);
+            ret = qcow2_pwrite_meta(img, QCOW2_META_L1, t, nbytes, new_off);
         }
         if (ret == 0) {
             ret = qcow2_sync_meta(img);
@@ -719,7 +778,8 @@ static bool qcow2_grow(ChainImage *img, uint64_t new_size, GError **error)
             qcow2_put_be32(h + 8, 0);
             qcow2_put_be32(h + 12, (uint32_t)l1_needed);
             qcow2_put_be64(h + 16, new_off);
-            ret = qcow2_pwrite_full(img->fd, h, sizeof(h), 24);
+            ret = qcow2_pwrite_meta(img, QCOW2_META_HEADER, h, sizeof(h),
+                                    24);
             if (ret == 0) {
                 memcpy(s->header_raw + 24, h, sizeof(h));
                 ret = qcow2_sync_meta(img);
@@ -733,6 +793,8 @@ static bool qcow2_grow(ChainImage *img, uint64_t new_size, GError **error)
         }
         if (s->l1_size > 0) {
             qcow2_defer_free(s, s->l1_offset, (uint64_t)s->l1_size * 8);
+            qcow2_meta_remove(s, QCOW2_META_L1, s->l1_offset,
+                              (uint64_t)s->l1_size * 8);
         }
         for (uint64_t i = 0; i < l1_needed; i++) {
             t[i] = GUINT64_FROM_BE(t[i]);
@@ -821,9 +883,7 @@ static bool qcow2_set_backing(ChainImage *img, const char *ref,
     int64_t len;
     int ret;
 
-    if (!img->writable) {
-        chainfs_set_error(error, EROFS, "%s: image is open read-only",
-                          img->path);
+    if (!qcow2_may_write(img, error)) {
         return false;
     }
     if (ref && strlen(ref) > QCOW2_MAX_BACKING_NAME) {
@@ -845,10 +905,9 @@ static bool qcow2_set_backing(ChainImage *img, const char *ref,
                           img->path, s->cluster_size);
         return false;
     }
-    /* One pwrite of the whole header cluster: the stale tail is zeroed.
-     * Never on a latched image (no metadata writes: see image.h). */
-    ret = chain_image_io_latched(img) ? -EIO :
-          qcow2_pwrite_full(img->fd, buf, s->cluster_size, 0);
+    /* One pwrite of the whole header cluster: the stale tail is zeroed
+     * (never on a latched image: qcow2_pwrite_meta refuses it). */
+    ret = qcow2_pwrite_meta(img, QCOW2_META_HEADER, buf, s->cluster_size, 0);
     if (ret == 0) {
         ret = qcow2_sync_meta(img);
     }

@@ -55,6 +55,48 @@ static Export *export_new(Daemon *d, Chain *chain, uint64_t ino)
     return e;
 }
 
+/*
+ * Open a discovered chain, its active layer read-write.  When that layer
+ * cannot be written (a read-only file or filesystem, a dirty or
+ * corrupt-flagged qcow2 image, refcount blocks that cannot be trusted) the
+ * chain is still served, read-only: opened again with the top read-only,
+ * which records why (chain_image_mark_read_only), and its writes fail with
+ * EROFS.  Any other refusal (EBUSY for a lock held elsewhere, a broken
+ * chain) leaves it out, with the first error.
+ */
+static Chain *export_open_chain(Daemon *d, DirChain *dc, bool writable,
+                                GError **error)
+{
+    g_autoptr(GError) ro_err = NULL;
+    Chain *chain = chain_open(d->set, dc->top_file, dc->export_name, writable,
+                              error);
+    int err;
+
+    if (chain) {
+        if (!writable) {
+            chain_image_mark_read_only(chain_layer(chain, 0),
+                                       "the mount is read-only (-o ro)");
+        }
+        return chain;
+    }
+    err = chainfs_error_errno(*error);
+    if (err != EROFS && err != EACCES && err != EPERM && err != EOPNOTSUPP) {
+        return NULL;
+    }
+    chain = chain_open(d->set, dc->top_file, dc->export_name, false, &ro_err);
+    if (!chain) {
+        return NULL; /* the read-write error says it best */
+    }
+    /* The driver may have recorded the reason itself (a dirty or corrupt
+     * image); else it is why the read-write open failed. */
+    chain_image_mark_read_only(chain_layer(chain, 0), (*error)->message);
+    chainfs_log(G_LOG_LEVEL_WARNING, dc->export_name, NULL,
+                "chain %s served read-only: %s", dc->top_file,
+                chain_image_read_only_reason(chain_layer(chain, 0)));
+    g_clear_error(error);
+    return chain;
+}
+
 Daemon *daemon_new(const char *image_dir, bool writable, GError **error)
 {
     g_autoptr(GPtrArray) warnings = g_ptr_array_new_with_free_func(g_free);
@@ -90,8 +132,7 @@ Daemon *daemon_new(const char *image_dir, bool writable, GError **error)
                       dc->top_file, dc->export_name);
             continue;
         }
-        chain = chain_open(d->set, dc->top_file, dc->export_name, writable,
-                           &err);
+        chain = export_open_chain(d, dc, writable, &err);
         if (!chain) {
             chainfs_log(G_LOG_LEVEL_WARNING, dc->export_name, NULL,
                         "chain %s left out: %s", dc->top_file, err->message);
@@ -216,6 +257,17 @@ void export_stat(Daemon *d, Export *e, struct stat *st)
     st->st_mtim = e->mtime;
     st->st_ctim = e->ctime;
     g_mutex_unlock(&e->lock);
+}
+
+bool export_writable(Export *e)
+{
+    bool writable;
+
+    chain_topo_rdlock(e->chain);
+    ChainImage *top = chain_layer(e->chain, 0);
+    writable = top->writable && !chain_image_read_only_reason(top);
+    chain_topo_unlock(e->chain);
+    return writable;
 }
 
 char *export_active_file(Export *e)

@@ -79,6 +79,9 @@ Export *daemon_export_by_ino(Daemon *d, uint64_t ino);
 
 /* Fill st for an export (size, allocated blocks, times, mode). */
 void export_stat(Daemon *d, Export *e, struct stat *st);
+/* Whether the export takes writes (its active layer is writable and has
+ * no read-only reason); writes of a read-only export fail with EROFS. */
+bool export_writable(Export *e);
 /* The active layer's file name, newly allocated. */
 char *export_active_file(Export *e);
 /* A write or zeroing changed the content: bump mtime and ctime. */

@@ -168,7 +168,8 @@ static void chainfs_setattr(fuse_req_t req, fuse_ino_t ino, struct stat *attr,
     }
     if ((to_set & FUSE_SET_ATTR_SIZE) &&
         (uint64_t)attr->st_size != chain_size(e->chain)) {
-        fuse_reply_err(req, EPERM);
+        /* A read-only export refuses any size change as such. */
+        fuse_reply_err(req, export_writable(e) ? EPERM : EROFS);
         return;
     }
     clock_gettime(CLOCK_REALTIME, &now);

@@ -129,7 +129,7 @@ def test_daemon_serves_healthy_chains_beside_special_files(image_dir, mountpoint
                  "linkpipe.qcow2 is a FIFO, not an image file"):
         assert line in log, "log does not say %r:\n%s" % (line, log)
     for top, words in refused.items():
-        lines = [ln for ln in log.splitlines() if "(%s) left out" % top in ln]
+        lines = [ln for ln in log.splitlines() if "chain %s left out" % top in ln]
         assert len(lines) == 1, "no single line leaves %s out:\n%s" % (top, log)
         for w in words:
             assert w in lines[0], lines[0]
@@ -185,7 +185,7 @@ def test_unreadable_files_are_reported_not_fatal(image_dir, mountpoint, tmp_path
     assert_export_equals_image(mountpoint / "vm1", image_dir / "vm1.qcow2", tmp_path)
     log = _stopped_log(m)
     assert "locked.qcow2: Permission denied" in log, log
-    lines = [ln for ln in log.splitlines() if "(vm2.qcow2) left out" in ln]
+    lines = [ln for ln in log.splitlines() if "chain vm2.qcow2 left out" in ln]
     assert len(lines) == 1 and "secret.qcow2" in lines[0] and \
         "Permission denied" in lines[0], log
 
@@ -335,6 +335,6 @@ def test_data_file_is_not_exported_on_its_own(image_dir, mountpoint, tmp_path, m
     assert export_names(mountpoint) == ["disk2", "vm1"], m.read_log()
     log = _stopped_log(m)
     for top in ("ext.qcow2", "ext2.qcow2"):
-        lines = [ln for ln in log.splitlines() if "(%s) left out" % top in ln]
+        lines = [ln for ln in log.splitlines() if "chain %s left out" % top in ln]
         assert len(lines) == 1 and "external data file" in lines[0], log
     _ctl_refuses(image_dir / "ext2.qcow2", "ext2.qcow2", "external data file")

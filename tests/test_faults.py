@@ -90,15 +90,17 @@ def test_failed_fdatasync_is_latched_until_restart(tmp_path, errname):
             # Latched: every later flush fails, after more writes too, and
             # although the shim fails nothing any more.
             assert fsync_errno(fd) == errno.EIO
-            assert pwrite_errno(fd, b"\x55" * 4096, 8192) == 0   # in place
+            # The export is read-only from now on (design.md): a write in
+            # place fails too, and the flush after it still fails.
+            assert pwrite_errno(fd, b"\x55" * 4096, 8192) == errno.EROFS
             assert fsync_errno(fd) == errno.EIO
         finally:
             os.close(fd)
         fd = os.open(exp, os.O_RDWR)
         try:
             assert fsync_errno(fd) == errno.EIO   # a new open too
-            # No metadata writes: a write that needs a new cluster fails.
-            assert pwrite_errno(fd, b"\x66" * 65536, 8 * MiB) == errno.EIO
+            # No writes that could allocate: a new cluster is refused too.
+            assert pwrite_errno(fd, b"\x66" * 65536, 8 * MiB) == errno.EROFS
         finally:
             os.close(fd)
         info = chain_info(exp)
@@ -106,6 +108,7 @@ def test_failed_fdatasync_is_latched_until_restart(tmp_path, errname):
         assert top["file"] == "vm1.qcow2"
         assert "fdatasync" in top["io_error"] and "vm1.qcow2" in top["io_error"], info
         assert info["io_error"] == top["io_error"]
+        assert info["writable"] is False and "fdatasync" in info["reason"], info
         assert "io_error" not in info["layers"][1]
         assert len(fi.fired()) == 1
         m.expect_clean = False   # its flush at shutdown fails, as it must

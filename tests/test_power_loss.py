@@ -128,7 +128,7 @@ def build_commit_grow(d):
 
 
 def job_commit_grow(exp, guest):
-    start(exp, "commit", "top=mid.qcow2")
+    start(exp, "commit", "top=mid.qcow2 delete")
     guest.round(8)
     wait_job(exp, ("completed",))
 
@@ -141,7 +141,7 @@ def build_two_layers(d):
 
 
 def job_active_commit(exp, guest):
-    start(exp, "commit", "active")
+    start(exp, "commit", "active delete")
     guest.round(8)
     wait_job(exp, ("ready",))
     guest.round(4)

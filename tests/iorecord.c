@@ -36,9 +36,10 @@
  * The file descriptor -> path map is taken by readlink of /proc/self/fd at
  * open time.  Only the calls chainfs makes (grep src/ for them) and their
  * siblings are wrapped; dup and friends are not.  Built by tests/meson.build
- * as a shared module; the test runs it with the normal build (under ASan the
- * sanitizer's runtime must come first in the preload list: see
- * tests/test_power_loss.py).
+ * as a shared module; works in the ASan build too, with the sanitizer's
+ * runtime first in LD_PRELOAD (tests/test_power_loss.py puts it there).
+ * posix_fallocate and glibc's own internal calls bypass the wrappers;
+ * chainfs makes none of them on images.
  */
 #undef _FILE_OFFSET_BITS
 #undef _FORTIFY_SOURCE

@@ -25,7 +25,7 @@ import pytest
 from helpers import (FaultInjector, MiB, chain_info, create_qcow2, job_info,
                      mounted, qemu_img_check, qemu_img_compare, qemu_io,
                      setxattr_errno, wait_for)
-from test_merge_common import GuestThread, layer_files, start, wait_state
+from test_merge_common import GuestThread, command, layer_files, start, wait_state
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root for FUSE")
 
@@ -495,3 +495,68 @@ def test_enospc_at_each_step_of_a_job(tmp_path, job, step, policy):
     qemu_img_compare(d / top, flat, fmt_b="raw")
     for f in JOBS[job][3]:
         qemu_img_check(d / f)
+
+
+# step: (rule, latched): the new overlay's creation, its sync, and the
+# flush of the old active layer that makes every acknowledged write durable
+# before the overlay takes over.
+SNAPSHOT_STEPS = {
+    "create": ("pwrite:snap2.qcow2:1:ENOSPC", False),
+    "create-sync": ("sync:snap2.qcow2:1:ENOSPC", False),
+    "flush": ("sync:vm1.qcow2:1:ENOSPC", True),
+}
+
+
+@pytest.mark.parametrize("step", list(SNAPSHOT_STEPS))
+def test_enospc_at_each_step_of_a_live_snapshot(tmp_path, step):
+    rule, latched = SNAPSHOT_STEPS[step]
+    d = tmp_path / "images"
+    d.mkdir()
+    build_chain(d)
+    layers = ["vm1.qcow2", "snap1.qcow2", "base.qcow2"]
+    fi = FaultInjector(tmp_path / "fi")
+    m = fault_mount(d, tmp_path, fi)
+    with m:
+        exp = m.path("vm1")
+        before = read_export(exp)
+        with FaultGuest(exp, seed=zlib.crc32(step.encode())) as guest:
+            guest.wait_writes(8)
+            guest.more(100)
+            fi.arm(rule)
+            err, msg = command(exp, "snapshot", "snap2.qcow2")
+            # The guest's fsync may meet the failed flush first: then the
+            # snapshot's own flush fails latched, with EIO.
+            assert err in ((errno.ENOSPC, errno.EIO) if latched else (errno.ENOSPC,)), (err, msg)
+            assert fi.fired(), "the fault did not fire"
+            fi.disarm()
+            assert layer_files(exp) == layers
+            assert not os.path.exists(d / "snap2.qcow2")
+            n = guest.writes
+            guest.more(8)
+            guest.wait_writes(n + 8)
+            if latched:
+                assert "vm1.qcow2" in chain_info(exp)["io_error"]
+                m.expect_clean = False
+            else:
+                # Nothing latched: the snapshot, asked again, is taken.
+                assert "io_error" not in chain_info(exp)
+                start(exp, "snapshot", "snap2.qcow2")
+                assert layer_files(exp) == ["snap2.qcow2"] + layers
+            guest.finish()
+        assert len(fi.fired()) == 1, fi.fired()
+        if not latched:
+            assert guest.failed_writes == 0 and guest.failed_fsyncs == 0
+    for f in os.listdir(d):
+        if f.endswith(".qcow2"):
+            qemu_img_check(d / f)
+    with mounted(d, tmp_path / "mnt2") as m2:
+        exp = m2.path("vm1")
+        now = read_export(exp)
+        guest.check(before, now)
+        if latched:
+            start(exp, "snapshot", "snap2.qcow2")
+        assert layer_files(exp) == ["snap2.qcow2"] + layers
+        assert read_export(exp) == now
+    flat = tmp_path / "flat.raw"
+    flat.write_bytes(now)
+    qemu_img_compare(d / "snap2.qcow2", flat, fmt_b="raw")

@@ -5,7 +5,7 @@
  * Rules, in CHAINFS_FAULT or in the control file (one rule per line or
  * separated by ';'):
  *
- *     OP:PATH-SUBSTRING:NTH:ERRNO[:COUNT]
+ *     OP:PATH-SUBSTRING:NTH:ERRNO[:COUNT[:THREAD]]
  *
  * OP is fdatasync, fsync, sync (both), pwrite (pwrite, pwritev and their
  * 64-bit names), pread (likewise), fallocate, ftruncate or
@@ -13,7 +13,11 @@
  * (readlink of /proc/self/fd/FD) contains PATH-SUBSTRING ("" matches
  * every file) and fails calls NTH (1-based) to NTH+COUNT-1 with ERRNO (EIO,
  * ENOSPC, EROFS, EDQUOT or a number) without performing them.  COUNT 0
- * fails every call from the NTH on; the default is 1.
+ * fails every call from the NTH on; the default is 1.  THREAD, when given,
+ * limits the rule to calls from threads whose name (prctl PR_GET_NAME)
+ * contains it, or with a leading '!' does not: the daemon's FUSE threads
+ * are all named "chainfs" and its jobs' threads are not, so that
+ * "!chainfs" picks a job's I/O out of the guest's on the same file.
  *
  * CHAINFS_FAULT_CTL=FILE arms rules at run time: on every intercepted call
  * the shim stats FILE, and when it changed (replace it with rename(2) so
@@ -47,6 +51,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/prctl.h>
 #include <sys/stat.h>
 #include <sys/types.h>
 #include <sys/uio.h>
@@ -70,6 +75,8 @@ typedef struct {
     char pattern[FI_MAX_PATTERN];  /* path substring */
     unsigned long nth;             /* first failing call, 1-based */
     unsigned long count;           /* how many fail; 0: all from nth */
+    char thread[32];               /* thread name substring; "" any */
+    bool thread_not;               /* thread must NOT contain it */
     int err;
     unsigned long seen;            /* matching calls so far */
 } FaultRule;
@@ -127,12 +134,12 @@ static void fi_complain(const char *what, const char *rule)
 static void fi_parse_rule(char *rule, FaultRule *out)
 {
     char copy[FI_MAX_PATTERN * 2];
-    char *field[5] = { 0 };
+    char *field[6] = { 0 };
     int n = 0;
     char *p = rule;
 
     snprintf(copy, sizeof(copy), "%s", rule);
-    while (n < 5) {
+    while (n < 6) {
         field[n++] = p;
         p = strchr(p, ':');
         if (!p) {
@@ -171,7 +178,28 @@ static void fi_parse_rule(char *rule, FaultRule *out)
     if (out->err <= 0) {
         fi_complain("unknown errno", copy);
     }
-    out->count = field[4] ? strtoul(field[4], NULL, 10) : 1;
+    out->count = field[4] && field[4][0] ? strtoul(field[4], NULL, 10) : 1;
+    if (field[5]) {
+        const char *t = field[5];
+
+        out->thread_not = t[0] == '!';
+        if (strlen(t + out->thread_not) >= sizeof(out->thread)) {
+            fi_complain("thread name too long", copy);
+        }
+        strcpy(out->thread, t + out->thread_not);
+    }
+}
+
+/* Does the calling thread's name select rule r? */
+static bool fi_thread_matches(const FaultRule *r)
+{
+    char name[32] = "";
+
+    if (!r->thread[0]) {
+        return true;
+    }
+    prctl(PR_GET_NAME, name, 0, 0, 0);
+    return (strstr(name, r->thread) != NULL) != r->thread_not;
 }
 
 /* Replace the rules by those of text (modified).  fi_lock held. */
@@ -301,7 +329,8 @@ static int fi_check(unsigned op, const char *op_name, int fd)
     for (int i = 0; i < fi_nrules; i++) {
         FaultRule *r = &fi_rules[i];
 
-        if (!(r->ops & op) || !strstr(path, r->pattern)) {
+        if (!(r->ops & op) || !strstr(path, r->pattern) ||
+            !fi_thread_matches(r)) {
             continue;
         }
         r->seen++;

@@ -321,7 +321,11 @@ static int active_pass(Job *job, void *buf)
                 cursor = before;
                 continue;
             case JOB_ERROR_SKIP:
-                /* Stays dirty: a later pass tries it again. */
+                /* Stays dirty: a later pass tries it again, unless base
+                 * is latched (image.h): every pass would fail. */
+                if (chain_image_io_latched(s->base)) {
+                    return r;
+                }
                 continue;
             case JOB_ERROR_FAIL:
             default:

@@ -389,7 +389,11 @@ static int commit_copy_window(CommitCopy *c, uint64_t off, uint64_t end,
                 /* As QEMU's commit: an ignored error is retried later,
                  * never skipped, since top leaves the chain at the end
                  * and whatever base lacks then is lost.  The other
-                 * workers go on meanwhile. */
+                 * workers go on meanwhile.  A latched base (image.h)
+                 * fails every retry until a restart: fail now. */
+                if (chain_image_io_latched(c->base)) {
+                    return r;
+                }
                 if (job_sleep(c->job, COMMIT_RETRY_US)) {
                     return -ECANCELED;
                 }

@@ -261,7 +261,8 @@ class FaultGuest(GuestThread):
                     self.pending[blk] = data
                     self.unknown.discard(blk)
                 except OSError as e:
-                    assert e.errno in (errno.EIO, errno.ENOSPC), e
+                    # EROFS once a failed flush latched the top: read-only.
+                    assert e.errno in (errno.EIO, errno.ENOSPC, errno.EROFS), e
                     self.pending.pop(blk, None)
                     self.unknown.add(blk)
                     self.failed_writes += 1
@@ -367,7 +368,8 @@ def finish_job(exp, job):
 
 def end_latched_job(exp, job, policy):
     """Drive a job whose image is latched to its end; none completes."""
-    errs = ("No space left", "Input/output")
+    # A latched image is read-only: a copy into it may fail with EROFS.
+    errs = ("No space left", "Input/output", "Read-only file system")
 
     def stopped():
         info = job_info(exp)

@@ -49,24 +49,19 @@ run_suite build-asan "asan+ubsan build" -m "not slow"
 # chainfs; a report makes it exit 66 (halt_on_error), which fails the test.
 tsan_tests=(
   tests/test_daemon_io.py::test_fio_randwrite_verify
-  tests/test_daemon_io.py::test_dd_and_two_exports_at_once
-  tests/test_daemon_io.py::test_qemu_io_direct_patterns
   "tests/test_chain_write.py::test_randwrite_matches_model[threads]"
   "tests/test_chain_write.py::test_randwrite_matches_model[threads-striped]"
-  "tests/test_chain_write.py::test_randwrite_matches_model[threads-striped-2m]"
-  "tests/test_chain_write.py::test_randwrite_matches_model[threads-striped-512]"
-  tests/test_merge_active.py::test_active_commit_pivot_under_guest
+  "tests/test_merge_active.py::test_active_commit_pivot_under_guest[qcow2]"
   tests/test_merge_active.py::test_active_commit_cancel_in_ready_keeps_top
   tests/test_merge_active.py::test_active_commit_ready_with_guest_faster_than_bandwidth
-  tests/test_merge_active.py::test_stream_under_guest
+  "tests/test_merge_active.py::test_stream_under_guest[True]"
   tests/test_daemon_control.py::test_live_snapshot_under_writer
   tests/test_daemon_control.py::test_snapshot_and_job_start_race
   tests/test_daemon_control.py::test_snapshot_refused_while_job_runs
   tests/test_daemon_control.py::test_jobs_through_control_file
-  tests/test_merge_commit.py::test_commit_intermediate_under_guest
+  "tests/test_merge_commit.py::test_commit_intermediate_under_guest[qcow2]"
   tests/test_merge_commit.py::test_jobs_on_two_chains_in_parallel
   tests/test_merge_commit.py::test_commit_cancel_resumes_from_checkpoint
-  tests/test_merge_commit.py::test_snapshot_commit_repeated
   tests/test_daemon_robust.py::test_sigterm_exits_clean
   tests/test_chainctl_online.py::test_commit_active_pivot
 )

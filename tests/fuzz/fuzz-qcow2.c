@@ -8,8 +8,9 @@
  * seeds made by make-seeds.sh do); any other reference resolves inside
  * the directory to nothing, itself (a loop) or outside it, and is refused.
  *
- * Per input: the whole disk's runs (chain_range_kind, bounded in count so
- * that a huge sparse disk stays fast), a few reads at fixed and
+ * Per input: the chain's description (user.chainfs.chain), the whole
+ * disk's runs (chain_range_kind, bounded in count so that a huge sparse
+ * disk stays fast), a few reads at fixed and
  * input-derived offsets, and then the same on a read-write copy with a
  * partial-cluster write, a zero write and a flush, all of which may fail
  * but must not crash, hang, leak or read out of bounds.
@@ -25,6 +26,7 @@
 
 #include <glib/gstdio.h>
 
+#include "chain-info.h"
 #include "chain-io.h"
 #include "chain.h"
 #include "fuzz-common.h"
@@ -147,7 +149,9 @@ static void fuzz_reads(Chain *chain, const uint8_t *data, size_t size)
     uint64_t disk = chain_size(chain);
     g_autofree uint8_t *buf = g_malloc(FUZZ_MAX_READ);
     uint32_t cs = chain_layer(chain, 0)->cluster_size;
+    g_autofree char *info = chain_info_json(chain); /* user.chainfs.chain */
 
+    g_assert(info && info[0] == '{');
     fuzz_walk(chain, disk);
     fuzz_read(chain, disk, 0, 65536, buf);
     fuzz_read(chain, disk, cs > 1 ? cs - 1 : 0, 2, buf); /* across a cluster */

@@ -3,7 +3,8 @@
 # benchmark.  Does nothing when they are all present already.
 set -euo pipefail
 pkgs=(build-essential libfuse3-dev fuse3 libglib2.0-dev zlib1g-dev meson ninja-build
-      pkg-config qemu-utils python3-pytest attr fio qemu-system-common)
+      pkg-config qemu-utils python3-pytest attr fio qemu-system-common
+      clang libclang-rt-14-dev)   # ThreadSanitizer and libFuzzer builds
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

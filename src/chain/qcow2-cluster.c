@@ -71,6 +71,17 @@ void qcow2_cache_forget(BDRVQcow2State *s, uint64_t l2_offset)
     }
 }
 
+/* Whether the table at l2_offset is cached with changes not on disk. */
+static bool qcow2_cache_is_dirty(BDRVQcow2State *s, uint64_t l2_offset)
+{
+    for (unsigned i = 0; i < s->cache_n; i++) {
+        if (s->cache[i].offset == l2_offset && s->cache[i].dirty) {
+            return true;
+        }
+    }
+    return false;
+}
+
 /*
  * Write every dirty table's changed entries.  meta_lock held.  The caller
  * made the data they point to durable first (see the top of this file).
@@ -480,6 +491,16 @@ static int qcow2_l2_prepare(ChainImage *img, uint64_t l1i)
     }
     if (old) {
         uint64_t *t;
+        /* A table changed through another L1 entry, which claims it alone
+         * (COPIED), cannot be shared with a snapshot too: two L1 entries
+         * name it and the image is corrupt.  Refuse rather than copy it
+         * and drop the change (fuzz-qcow2 regression l2-shared-dirty). */
+        if (qcow2_cache_is_dirty(s, old)) {
+            g_warning("%s: L2 table at %" G_GUINT64_FORMAT " is named by "
+                      "more than one L1 entry; refusing the write",
+                      img->path, old);
+            return -EIO;
+        }
         ret = qcow2_cache_get(img, old, &t);
         if (ret < 0) {
             return ret;

@@ -283,50 +283,89 @@ static void ctl_reply_error(GString *reply, const GError *err)
     g_string_append(reply, "}\n");
 }
 
+void ctl_line_clear(CtlLine *cl)
+{
+    g_clear_pointer(&cl->line, g_free);
+    g_clear_pointer(&cl->parts, g_strfreev);
+    cl->command = NULL;
+    cl->words = NULL;
+}
+
+/*
+ * line split at runs of blanks, byte by byte.  Not a GRegex: export names
+ * are file names, any bytes, and a GRegex split returns NULL on a subject
+ * that is not UTF-8 (fuzz-control found "pivot \xf6m1" crashing the
+ * daemon on that NULL).
+ */
+static GStrv ctl_split_blanks(const char *line)
+{
+    g_auto(GStrv) all = g_strsplit_set(line, " \t\r\n", -1);
+    GPtrArray *kept = g_ptr_array_new();
+
+    for (guint i = 0; all[i]; i++) {
+        if (all[i][0] != '\0') {
+            g_ptr_array_add(kept, g_strdup(all[i]));
+        }
+    }
+    g_ptr_array_add(kept, NULL);
+    return (GStrv)g_ptr_array_free(kept, FALSE);
+}
+
+bool ctl_parse_line(const char *buf, size_t len, CtlLine *cl, GError **error)
+{
+    guint nparts;
+
+    cl->line = g_strstrip(g_strndup(buf, len));
+    cl->parts = ctl_split_blanks(cl->line);
+    cl->command = NULL;
+    cl->words = "";
+    nparts = g_strv_length(cl->parts);
+    if (nparts < 2 || cl->parts[0][0] == '\0') {
+        chainfs_set_error(error, EINVAL,
+                          "control command must be \"VERB NAME [WORDS]\", got \"%s\"",
+                          cl->line);
+        return false;
+    }
+    for (size_t i = 0; i < G_N_ELEMENTS(ctl_verbs); i++) {
+        if (strcmp(cl->parts[0], ctl_verbs[i].verb) == 0) {
+            cl->command = ctl_verbs[i].command;
+        }
+    }
+    if (!cl->command) {
+        chainfs_set_error(error, EINVAL, "unknown verb \"%s\"", cl->parts[0]);
+        return false;
+    }
+    /* The words are the rest of the line after the name, as written. */
+    {
+        const char *p = cl->line + strlen(cl->parts[0]);
+        p += strspn(p, " \t\r\n");
+        p += strlen(cl->parts[1]);
+        p += strspn(p, " \t\r\n");
+        cl->words = p;
+    }
+    return true;
+}
+
 int ctl_handle_write(Daemon *d, CtlHandle *h, const char *buf, size_t len)
 {
-    g_autofree char *line = g_strstrip(g_strndup(buf, len));
-    g_auto(GStrv) parts = g_regex_split_simple("[ \t\r\n]+", line, 0, 0);
+    g_auto(CtlLine) cl = { 0 };
     g_autoptr(GError) err = NULL;
     g_autoptr(GMutexLocker) locker = g_mutex_locker_new(&h->lock);
     g_autofree char *estimate = NULL;
-    const char *command = NULL;
-    const char *words = "";
     Export *e = NULL;
-    guint nparts = g_strv_length(parts);
 
     if (!h->reply) {
         h->reply = g_string_new(NULL);
     }
-    if (nparts < 2 || parts[0][0] == '\0') {
-        chainfs_set_error(&err, EINVAL,
-                          "control command must be \"VERB NAME [WORDS]\", got \"%s\"",
-                          line);
+    if (!ctl_parse_line(buf, len, &cl, &err)) {
         goto refused;
     }
-    for (size_t i = 0; i < G_N_ELEMENTS(ctl_verbs); i++) {
-        if (strcmp(parts[0], ctl_verbs[i].verb) == 0) {
-            command = ctl_verbs[i].command;
-        }
-    }
-    if (!command) {
-        chainfs_set_error(&err, EINVAL, "unknown verb \"%s\"", parts[0]);
-        goto refused;
-    }
-    e = daemon_export_by_name(d, parts[1]);
+    e = daemon_export_by_name(d, cl.parts[1]);
     if (!e) {
-        chainfs_set_error(&err, ENOENT, "no export named \"%s\"", parts[1]);
+        chainfs_set_error(&err, ENOENT, "no export named \"%s\"", cl.parts[1]);
         goto refused;
     }
-    /* The words are the rest of the line after the name, as written. */
-    {
-        const char *p = line + strlen(parts[0]);
-        p += strspn(p, " \t\r\n");
-        p += strlen(parts[1]);
-        p += strspn(p, " \t\r\n");
-        words = p;
-    }
-    if (!ctl_run(d, e, command, words, &estimate, &err)) {
+    if (!ctl_run(d, e, cl.command, cl.words, &estimate, &err)) {
         ctl_reply_error(h->reply, err);
         return -chainfs_error_errno(err);
     }
@@ -337,7 +376,7 @@ int ctl_handle_write(Daemon *d, CtlHandle *h, const char *buf, size_t len)
         g_string_append_c(h->reply, '{');
         json_append_member_bool(h->reply, "ok", true);
         json_append_member_string(h->reply, "export", e->name);
-        json_append_member_string(h->reply, "command", parts[0]);
+        json_append_member_string(h->reply, "command", cl.parts[0]);
         if (estimate) {
             json_append_member_bool(h->reply, "dry_run", true);
             json_append_key(h->reply, "estimate");

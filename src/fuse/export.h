@@ -132,6 +132,25 @@ typedef struct CtlHandle {
 CtlHandle *ctl_handle_new(void);
 void ctl_handle_free(CtlHandle *h);
 /*
+ * A control-file line split into its parts: line is the command stripped
+ * of blanks at both ends, parts its blank-separated words (parts[0] the
+ * verb, parts[1] the export name), command the attribute the verb stands
+ * for ("pivot": "job.pivot") and words the rest of line after the name.
+ * ctl_parse_line() refuses (EINVAL) a line without a name or with an
+ * unknown verb; the export is not looked up.  Clear it in every case.
+ */
+typedef struct CtlLine {
+    char *line;
+    GStrv parts;
+    const char *command;
+    const char *words;
+} CtlLine;
+
+bool ctl_parse_line(const char *buf, size_t len, CtlLine *cl, GError **error);
+void ctl_line_clear(CtlLine *cl);
+G_DEFINE_AUTO_CLEANUP_CLEAR_FUNC(CtlLine, ctl_line_clear)
+
+/*
  * One command line "VERB NAME WORDS" written to the control file.  Returns
  * 0 on success, a negative errno when refused (the reply holds the
  * message either way).

@@ -171,13 +171,13 @@ static int fake_run(Job *job)
                 continue;
             case JOB_ERROR_SKIP:
                 f->skipped++;
-                f->done++;
+                g_atomic_int_inc(&f->done); /* read by the test thread */
                 continue;
             case JOB_ERROR_FAIL:
                 return r;
             }
         }
-        f->done++;
+        g_atomic_int_inc(&f->done);
         job_set_progress(job, (uint64_t)f->done, (uint64_t)f->steps);
         if (job_rate_limit(job, 1)) {
             return -ECANCELED;

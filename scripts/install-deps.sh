@@ -4,7 +4,10 @@
 set -euo pipefail
 pkgs=(build-essential libfuse3-dev fuse3 libglib2.0-dev zlib1g-dev meson ninja-build
       pkg-config qemu-utils python3-pytest attr fio qemu-system-common
-      clang libclang-rt-14-dev)   # ThreadSanitizer and libFuzzer builds
+      clang libclang-rt-14-dev   # ThreadSanitizer and libFuzzer builds
+      e2fsprogs mount util-linux # loop-mounted ext4, chattr, setpriv, mount -T
+      debhelper dpkg-dev         # the .deb (tests/test_install.py)
+      systemd man-db)            # systemd-analyze verify of the unit and man pages
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -366,6 +366,16 @@ def finish_job(exp, job):
     assert layer_files(exp) == JOBS[job][3]
 
 
+def cancel_job(exp):
+    """Cancel the job and wait for its end.  EBUSY (a verb in progress,
+    such as a failing pivot) is asked again until the job takes it or
+    ends by itself."""
+    wait_for(lambda: job_info(exp)["state"] in ("cancelled", "failed", "completed") or
+             setxattr_errno(exp, "user.chainfs.job.cancel") == 0,
+             timeout=60, what="the job to take the cancel")
+    return wait_state(exp, ("cancelled", "failed", "completed"), timeout=60)
+
+
 def end_latched_job(exp, job, policy):
     """Drive a job whose image is latched to its end; none completes."""
     # A latched image is read-only: a copy into it may fail with EROFS.
@@ -383,13 +393,13 @@ def end_latched_job(exp, job, policy):
     info = wait_for(stopped, timeout=120, what="the job to stop on the error")
     if info["state"] == "ready":
         assert job == "active", info
-        setxattr_errno(exp, "user.chainfs.job.pivot")
-        info = wait_for(stopped, timeout=120, what="the pivot to fail")
-        if info["state"] == "ready":
-            # The pivot was refused: the job stays ready, in sync with
-            # nothing durable; cancel keeps the old active layer.
-            assert setxattr_errno(exp, "user.chainfs.job.cancel") == 0
-            info = wait_state(exp, ("cancelled", "failed", "completed"), timeout=60)
+        if setxattr_errno(exp, "user.chainfs.job.pivot") == 0:
+            # Accepted: the job pivots, and fails at the flush of base.
+            info = wait_state(exp, ("failed", "cancelled", "completed"), timeout=120)
+        else:
+            # Refused: the job stays ready, in sync with nothing durable;
+            # cancel keeps the old active layer.
+            info = cancel_job(exp)
     if info["state"] in ("paused", "standby"):
         assert policy == "stop", info
         assert any(e in info["error"] for e in errs), info
@@ -397,8 +407,7 @@ def end_latched_job(exp, job, policy):
         info = wait_for(lambda: job_info(exp)["state"] in ("paused", "standby", "failed")
                         and job_info(exp), timeout=60, what="the job to stop again")
         assert info["state"] != "completed", info
-        assert setxattr_errno(exp, "user.chainfs.job.cancel") == 0
-        info = wait_state(exp, ("cancelled", "failed", "completed"), timeout=60)
+        info = cancel_job(exp)
     assert info["state"] != "completed", info
     if info["state"] == "failed":
         assert any(e in info["error"] for e in errs), info

@@ -5,14 +5,20 @@
  *
  * WHY IT IS CORRECT, in the order things happen:
  *
- * 1. Under the topology write lock (no guest request in flight) the job
- *    marks dirty every granule allocated above base and installs the
- *    chain's write hook.  From then on every guest write, after it landed
- *    in the active layer and before it is acknowledged, marks its range
- *    dirty.  The export still reads the old chain: base is below and only
- *    shows where nothing above it is allocated, and the job writes base
- *    only where something above IS allocated, so guests never see the
- *    copy.
+ * 1. Under the topology write lock (no guest request in flight, held only
+ *    for this) the job installs the chain's write hook.  From then on
+ *    every guest write, after it landed in the active layer and before it
+ *    is acknowledged, marks its range dirty.  Then, under the READ lock
+ *    while guests go on, the job scans the allocation above base and marks
+ *    dirty every granule allocated there.  A write that ended before the
+ *    hook went in is in the active layer's metadata before the scan reads
+ *    it (the write lock drained it); one that races the scan is marked by
+ *    the hook whatever the scan sees; marking twice changes nothing.  So
+ *    once the scan ends, every granule that differs from base is dirty,
+ *    and no copy starts before that.  The export still reads the old
+ *    chain: base is below and only shows where nothing above it is
+ *    allocated, and the job writes base only where something above IS
+ *    allocated, so guests never see the copy.
  *
  * 2. Background copy (tracking mode), on the copy engine's workers, each
  *    owning the granules of its window: for a dirty run, the job clears
@@ -55,8 +61,9 @@
 #define ACTIVE_MIRROR_THRESHOLD (4ULL * 1024 * 1024)
 /* How often a READY job looks for ranges a failed mirror left dirty. */
 #define ACTIVE_READY_POLL_US (100 * 1000)
-/* The allocation scan: the whole disk in one go. */
-#define ACTIVE_SCAN_BYTES UINT64_MAX
+/* The allocation scan takes the read lock this many bytes at a time, so
+ * that a pause or cancel is heard between. */
+#define ACTIVE_SCAN_BYTES (1ULL << 30)
 
 typedef struct {
     MergeJob common;
@@ -333,23 +340,23 @@ static int active_install_hook(ActiveCommitJob *s)
     return 0;
 }
 
-/* Step 1, second half: mark what is allocated above base, under the write
- * lock (no guest write in flight). */
+/* Step 1, second half: mark what is allocated above base, under the read
+ * lock a slice at a time while guests go on (why that is enough: step 1
+ * at the top of the file). */
 static int active_scan(ActiveCommitJob *s)
 {
     MergeJob *mj = &s->common;
     Chain *chain = mj->chain;
 
     for (uint64_t off = 0; off < mj->size;) {
-        uint64_t slice_end = mj->size - off <= ACTIVE_SCAN_BYTES ?
-                             mj->size : off + ACTIVE_SCAN_BYTES;
+        uint64_t slice_end = MIN(off + ACTIVE_SCAN_BYTES, mj->size);
         guint base_idx;
         int st = 0;
 
         if (job_pause_point(&mj->job)) {
             return -ECANCELED;
         }
-        chain_topo_wrlock(chain);
+        chain_topo_rdlock(chain);
         if (!active_layers(s, &base_idx)) {
             st = -ESTALE;
         }

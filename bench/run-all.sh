@@ -54,7 +54,7 @@ echo "source $(git -C "$src" rev-parse --short HEAD 2>/dev/null || echo '?') (wo
 echo "$(nproc) CPUs, $(qemu-img --version | head -1), $(fio --version)"
 
 status=0
-for b in bench_read bench_fuse bench_commit; do
+for b in bench_read bench_fuse bench_commit bench_job_stall; do
     start=$SECONDS
     /usr/bin/python3 "$here/$b.py" $quick &
     child=$!

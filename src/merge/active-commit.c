@@ -5,17 +5,24 @@
  *
  * WHY IT IS CORRECT, in the order things happen:
  *
- * 1. Under the topology write lock (no guest request in flight) the job
- *    marks dirty every granule allocated above base and installs the
- *    chain's write hook.  From then on every guest write, after it landed
- *    in the active layer and before it is acknowledged, marks its range
- *    dirty.  The export still reads the old chain: base is below and only
- *    shows where nothing above it is allocated, and the job writes base
- *    only where something above IS allocated, so guests never see the
- *    copy.
+ * 1. Under the topology write lock (no guest request in flight, held only
+ *    for this) the job installs the chain's write hook.  From then on
+ *    every guest write, after it landed in the active layer and before it
+ *    is acknowledged, marks its range dirty.  Then, under the READ lock
+ *    while guests go on, the job scans the allocation above base and marks
+ *    dirty every granule allocated there.  A write that ended before the
+ *    hook went in is in the active layer's metadata before the scan reads
+ *    it (the write lock drained it); one that races the scan is marked by
+ *    the hook whatever the scan sees; marking twice changes nothing.  So
+ *    once the scan ends, every granule that differs from base is dirty,
+ *    and no copy starts before that.  The export still reads the old
+ *    chain: base is below and only shows where nothing above it is
+ *    allocated, and the job writes base only where something above IS
+ *    allocated, so guests never see the copy.
  *
- * 2. Background copy (tracking mode): for a dirty run, the job clears the
- *    bits FIRST, then reads the chain as the active layer sees it and
+ * 2. Background copy (tracking mode), on the copy engine's workers, each
+ *    owning the granules of its window: for a dirty run, the job clears
+ *    the bits FIRST, then reads the chain as the active layer sees it and
  *    writes base.  A guest write that lands before the read is read; one
  *    that lands after it marks the run dirty again (its mark comes after
  *    its write, which comes after our clear), so the run is copied again.
@@ -54,17 +61,12 @@
 #define ACTIVE_MIRROR_THRESHOLD (4ULL * 1024 * 1024)
 /* How often a READY job looks for ranges a failed mirror left dirty. */
 #define ACTIVE_READY_POLL_US (100 * 1000)
+/* The allocation scan takes the read lock this many bytes at a time, so
+ * that a pause or cancel is heard between. */
+#define ACTIVE_SCAN_BYTES (1ULL << 30)
 
 typedef struct {
-    MergeContext *ctx;
-    Chain *chain;
-    CommitOptions opts;
-    char *words;
-    ChainImage *top;      /* the active layer when the job started */
-    ChainImage *base;
-    char **layers;        /* [0, base) : dropped at pivot */
-    GPtrArray *reopened;
-    uint64_t size;
+    MergeJob common;
     uint64_t granule;
 
     GMutex dirty_lock;    /* guards the fields below */
@@ -76,17 +78,17 @@ typedef struct {
     /* Job thread only (and clean, same thread): */
     bool hooked;          /* write hook installed */
     bool serializing;     /* serialize_count raised */
-    bool pivoted;
-} ActiveJob;
+    uint64_t pass_start;  /* ndirty when the current pass began */
+} ActiveCommitJob;
 
-static ActiveJob *active_job(Job *job)
+static ActiveCommitJob *active_job(Job *job)
 {
-    return job->opaque;
+    return container_of(merge_job(job), ActiveCommitJob, common);
 }
 
 /* ---- dirty bitmap (dirty_lock held) ------------------------------------ */
 
-static void dirty_set(ActiveJob *s, uint64_t off, uint64_t bytes)
+static void dirty_set(ActiveCommitJob *s, uint64_t off, uint64_t bytes)
 {
     uint64_t first = off / s->granule;
     uint64_t last = (off + bytes - 1) / s->granule;
@@ -101,7 +103,8 @@ static void dirty_set(ActiveJob *s, uint64_t off, uint64_t bytes)
     }
 }
 
-static void dirty_clear_bits(ActiveJob *s, uint64_t first, uint64_t count)
+static void dirty_clear_bits(ActiveCommitJob *s, uint64_t first,
+                             uint64_t count)
 {
     for (uint64_t b = first; b < first + count && b < s->nbits; b++) {
         guint64 m = 1ULL << (b % 64);
@@ -114,7 +117,7 @@ static void dirty_clear_bits(ActiveJob *s, uint64_t first, uint64_t count)
 }
 
 /* First set bit at or after from; nbits when none. */
-static uint64_t dirty_next(ActiveJob *s, uint64_t from)
+static uint64_t dirty_next(ActiveCommitJob *s, uint64_t from)
 {
     for (uint64_t b = from; b < s->nbits;) {
         guint64 w = s->dirty[b / 64] >> (b % 64);
@@ -128,7 +131,7 @@ static uint64_t dirty_next(ActiveJob *s, uint64_t from)
 }
 
 /* Length in bits of the run of set bits at first, at most max. */
-static uint64_t dirty_run(ActiveJob *s, uint64_t first, uint64_t max)
+static uint64_t dirty_run(ActiveCommitJob *s, uint64_t first, uint64_t max)
 {
     uint64_t n = 0;
 
@@ -137,6 +140,20 @@ static uint64_t dirty_run(ActiveJob *s, uint64_t first, uint64_t max)
         n++;
     }
     return n;
+}
+
+static uint64_t active_ndirty(ActiveCommitJob *s)
+{
+    g_autoptr(GMutexLocker) locker = g_mutex_locker_new(&s->dirty_lock);
+
+    return s->ndirty;
+}
+
+static bool active_mirroring(ActiveCommitJob *s)
+{
+    g_autoptr(GMutexLocker) locker = g_mutex_locker_new(&s->dirty_lock);
+
+    return s->mirror;
 }
 
 /* ---- the write hook (guest threads) -------------------------------------- */
@@ -150,16 +167,13 @@ static uint64_t dirty_run(ActiveJob *s, uint64_t first, uint64_t max)
 static int active_write_hook(void *opaque, uint64_t offset, uint64_t bytes,
                              const void *buf)
 {
-    ActiveJob *s = opaque;
-    bool mirror;
+    ActiveCommitJob *s = opaque;
+    ChainImage *base = s->common.base;
 
-    g_mutex_lock(&s->dirty_lock);
-    mirror = s->mirror;
-    g_mutex_unlock(&s->dirty_lock);
-    if (mirror && offset < s->base->virtual_size) {
-        uint64_t n = MIN(bytes, s->base->virtual_size - offset);
-        int ret = buf ? s->base->drv->pwrite(s->base, offset, buf, n)
-                      : s->base->drv->pwrite_zeroes(s->base, offset, n, true);
+    if (active_mirroring(s) && offset < base->virtual_size) {
+        uint64_t n = MIN(bytes, base->virtual_size - offset);
+        int ret = buf ? base->drv->pwrite(base, offset, buf, n)
+                      : base->drv->pwrite_zeroes(base, offset, n, true);
 
         if (ret == 0 && n == bytes) {
             merge_crash_point("active-mirror");
@@ -174,93 +188,61 @@ static int active_write_hook(void *opaque, uint64_t offset, uint64_t bytes,
 
 /* ---- copying ------------------------------------------------------------- */
 
-/*
- * Copy [off, off+len) from the active layer's view into base, run by run.
- * Topology lock held (read or write); the range lock held when the chain
- * serialises.  *written: data bytes written.
- */
-static int active_copy_range(ActiveJob *s, uint64_t off, uint64_t len,
-                             void *buf, uint64_t *written)
+/* Is top still the active layer, above base?  *base_idx then.  Topology
+ * lock held. */
+static bool active_layers(ActiveCommitJob *s, guint *base_idx)
 {
-    Chain *chain = s->chain;
-    int base_idx = merge_layer_index(chain, s->base);
-    uint64_t end = off + len;
+    guint top_idx;
 
-    *written = 0;
-    if (chain_layer(chain, 0) != s->top || base_idx < 1) {
-        return -ESTALE;
-    }
-    while (off < end) {
-        uint64_t pnum;
-        int owner, ret;
-        int st = chain_status_above(chain, 0, (guint)base_idx, off, end - off,
-                                    &pnum, &owner);
-
-        if (st < 0) {
-            return st;
-        }
-        if (st == BLOCK_DATA || st == BLOCK_COMPRESSED) {
-            ret = chain_pread_from(chain, 0, off, buf, pnum);
-            if (ret == 0) {
-                ret = s->base->drv->pwrite(s->base, off, buf, pnum);
-            }
-            if (ret < 0) {
-                return ret;
-            }
-            *written += pnum;
-        } else if (st == BLOCK_ZERO) {
-            ret = s->base->drv->pwrite_zeroes(s->base, off, pnum, true);
-            if (ret < 0) {
-                return ret;
-            }
-        }
-        off += pnum;
-    }
-    return 0;
+    return merge_job_layers(&s->common, &top_idx, base_idx) && top_idx == 0;
 }
 
 /*
- * Copy the dirty run starting at bit *cursor or later.  Returns 0 and sets
- * *cursor past the run (nbits when no dirty bit is left after it), or a
- * negative errno (the run is dirty again).
+ * The engine's step: the first dirty run at or after off inside the
+ * window (off, end), copied from the active layer's view into base under
+ * its range lock.  The worker owns the window's granules: no other thread
+ * clears their bits.
  */
-static int active_copy_next(ActiveJob *s, uint64_t *cursor, void *buf,
-                            uint64_t *written)
+static int active_step(void *opaque, uint64_t off, uint64_t end, void *buf,
+                       uint64_t *advance, uint64_t *written)
 {
-    Chain *chain = s->chain;
+    ActiveCommitJob *s = opaque;
+    Chain *chain = s->common.chain;
+    uint64_t end_bit = (end + s->granule - 1) / s->granule;
+    uint64_t first, count, roff, len;
     ChainRangeLock *lk;
-    uint64_t first, count, off, len;
+    guint base_idx;
     int ret;
 
+    *advance = end - off;
     *written = 0;
     chain_topo_rdlock(chain);
+    if (!active_layers(s, &base_idx)) {
+        chain_topo_unlock(chain);
+        return -ESTALE;
+    }
     g_mutex_lock(&s->dirty_lock);
-    first = dirty_next(s, *cursor);
+    first = dirty_next(s, off / s->granule);
     g_mutex_unlock(&s->dirty_lock);
-    if (first >= s->nbits) {
-        *cursor = s->nbits;
+    if (first >= end_bit) {
         chain_topo_unlock(chain);
         return 0;
     }
-    off = first * s->granule;
-    len = MIN((uint64_t)MERGE_CHUNK, s->size - off);
-    lk = chain_range_lock(chain, off, len);
+    roff = first * s->granule;
+    len = MIN(MAX((uint64_t)MERGE_CHUNK, s->granule), end - roff);
+    lk = chain_range_lock(chain, roff, len);
     g_mutex_lock(&s->dirty_lock);
-    count = dirty_run(s, first, MAX(len / s->granule, 1));
-    if (count == 0) {
-        /* Only this thread clears bits, so the run is still there; stay
-         * safe anyway. */
-        count = 1;
-    }
+    count = MAX(dirty_run(s, first, (len + s->granule - 1) / s->granule), 1);
     /* Clear first, then read: see step 2 above. */
     dirty_clear_bits(s, first, count);
     g_mutex_unlock(&s->dirty_lock);
     /* Within the range already locked. */
-    len = MIN(count * s->granule, s->size - off);
-    ret = active_copy_range(s, off, len, buf, written);
+    len = MIN(count * s->granule, end - roff);
+    ret = copy_above_range(chain, 0, base_idx, s->common.base, roff, len, buf,
+                           written);
     if (ret < 0) {
         g_mutex_lock(&s->dirty_lock);
-        dirty_set(s, off, len);
+        dirty_set(s, roff, len);
         g_mutex_unlock(&s->dirty_lock);
     }
     chain_range_unlock(chain, lk);
@@ -268,186 +250,204 @@ static int active_copy_next(ActiveJob *s, uint64_t *cursor, void *buf,
     if (ret == 0) {
         merge_crash_point("active-copy");
     }
-    *cursor = first + count;
+    *advance = roff + len - off;
     return ret;
 }
 
-/* Switch to synchronous mirroring (step 3).  Drains guest writes. */
-static void active_start_mirror(ActiveJob *s)
+/* The engine skips the windows with no dirty bit. */
+static uint64_t active_seek(void *opaque, uint64_t off)
 {
-    chain_topo_wrlock(s->chain);
-    merge_serialize_begin(s->chain, &s->serializing);
+    ActiveCommitJob *s = opaque;
+    g_autoptr(GMutexLocker) locker = g_mutex_locker_new(&s->dirty_lock);
+    uint64_t b = dirty_next(s, off / s->granule);
+
+    return b >= s->nbits ? s->common.size : MAX(b * s->granule, off);
+}
+
+/* Switch to synchronous mirroring (step 3).  Drains guest writes. */
+static void active_start_mirror(ActiveCommitJob *s)
+{
+    Chain *chain = s->common.chain;
+
+    chain_topo_wrlock(chain);
+    merge_serialize_begin(chain, &s->serializing);
     g_mutex_lock(&s->dirty_lock);
     s->mirror = true;
     g_mutex_unlock(&s->dirty_lock);
-    chain_topo_unlock(s->chain);
+    chain_topo_unlock(chain);
     merge_crash_point("active-mirror-start");
 }
 
-static uint64_t active_ndirty(ActiveJob *s)
+/* Progress; and when the guest dirties faster than we copy, stop losing
+ * now rather than at the end of the pass. */
+static int active_tick(void *opaque, uint64_t prefix)
 {
-    g_autoptr(GMutexLocker) locker = g_mutex_locker_new(&s->dirty_lock);
+    ActiveCommitJob *s = opaque;
+    uint64_t nd = active_ndirty(s);
 
-    return s->ndirty;
-}
-
-/* One pass over the dirty set.  0, -ECANCELED or a failure to return. */
-static int active_pass(Job *job, void *buf)
-{
-    ActiveJob *s = active_job(job);
-    uint64_t cursor = 0, at_start = active_ndirty(s);
-    bool mirror;
-
-    g_mutex_lock(&s->dirty_lock);
-    mirror = s->mirror;
-    g_mutex_unlock(&s->dirty_lock);
-
-    while (cursor < s->nbits) {
-        uint64_t written, before = cursor;
-        int ret;
-
-        if (job_pause_point(job)) {
-            return -ECANCELED;
-        }
-        ret = active_copy_next(s, &cursor, buf, &written);
-        if (ret < 0) {
-            g_autofree char *what = g_strdup_printf(
-                "active commit of %s at offset %" G_GUINT64_FORMAT " into %s",
-                s->top->name, before * s->granule, s->base->name);
-            int r;
-
-            switch (job_handle_error(job, s->opts.on_error, -ret, what, &r)) {
-            case JOB_ERROR_RETRY:
-                cursor = before;
-                continue;
-            case JOB_ERROR_SKIP:
-                /* Stays dirty: a later pass tries it again, unless base
-                 * is latched (image.h): every pass would fail. */
-                if (chain_image_io_latched(s->base)) {
-                    return r;
-                }
-                continue;
-            case JOB_ERROR_FAIL:
-            default:
-                return r;
-            }
-        }
-        {
-            uint64_t nd = active_ndirty(s);
-
-            job_set_progress(job, s->size - MIN(nd * s->granule, s->size),
-                             s->size);
-            /* The guest dirties faster than we copy: stop losing now
-             * rather than at the end of the pass (and before a wait for
-             * the rate limit, during which it would dirty more). */
-            if (!mirror && nd > at_start) {
-                active_start_mirror(s);
-                mirror = true;
-            }
-        }
-        if (written) {
-            job_add_copied(job, written);
-            if (job_rate_limit(job, written)) {
-                return -ECANCELED;
-            }
-        }
+    job_set_progress(&s->common.job,
+                     s->common.size - MIN(nd * s->granule, s->common.size),
+                     s->common.size);
+    if (!active_mirroring(s) && nd > s->pass_start) {
+        active_start_mirror(s);
     }
     return 0;
 }
 
-static int active_run(Job *job)
+/* One pass over the dirty set.  0, -ECANCELED or a failure to return. */
+static int active_pass(ActiveCommitJob *s)
 {
-    ActiveJob *s = active_job(job);
-    Chain *chain = s->chain;
-    g_autofree void *buf = g_malloc(MERGE_CHUNK);
+    MergeJob *mj = &s->common;
+    g_autofree char *what = g_strdup_printf("active commit of %s",
+                                            mj->top->name);
+    g_autofree char *into = g_strdup_printf(" into %s", mj->base->name);
+    CopyParams p = {
+        .job = &mj->job, .step = active_step, .seek = active_seek,
+        .tick = active_tick, .opaque = s, .start = 0, .end = mj->size,
+        .window = MAX((uint64_t)MERGE_CHUNK, s->granule),
+        .policy = mj->on_error, .what = what, .what_into = into,
+        .dst = mj->base,
+        /* An error let pass stays dirty: a later pass tries it again. */
+        .skip_advances = true,
+    };
+    CopyResult r;
+
+    s->pass_start = active_ndirty(s);
+    return copy_run(&p, &r);
+}
+
+/* ---- the job ------------------------------------------------------------- */
+
+/* Step 1, first half: base grows to the export's size and the hook goes
+ * in, under a short write lock. */
+static int active_install_hook(ActiveCommitJob *s)
+{
+    MergeJob *mj = &s->common;
+    Chain *chain = mj->chain;
     g_autoptr(GError) err = NULL;
-    uint64_t prev;
-    int stale = 0, base_idx;
 
-    /* Base first grows to the export's size (topology write lock). */
     chain_topo_wrlock(chain);
-    if (s->base->virtual_size < s->size &&
-        !s->base->drv->grow(s->base, s->size, &err)) {
+    if (mj->base->virtual_size < mj->size &&
+        !mj->base->drv->grow(mj->base, mj->size, &err)) {
         chain_topo_unlock(chain);
-        job_set_error(job, chainfs_error_errno(err), "cannot grow %s: %s",
-                      s->base->name, err->message);
-        return -chainfs_error_errno(err);
-    }
-    /* Step 1: what to copy, and the hook, with no write in flight. */
-    base_idx = merge_layer_index(chain, s->base);
-    for (uint64_t off = 0; base_idx > 0 && off < s->size;) {
-        uint64_t pnum;
-        int owner;
-        int st = chain_status_above(chain, 0, (guint)base_idx, off,
-                                    s->size - off, &pnum, &owner);
-
-        if (st < 0) {
-            chain_topo_unlock(chain);
-            job_set_error(job, -st, "cannot read the allocation of %s: %s",
-                          s->top->name, g_strerror(-st));
-            return st;
-        }
-        if (st != BLOCK_UNALLOCATED) {
-            dirty_set(s, off, pnum);
-        }
-        off += pnum;
+        return merge_job_fail(mj, -chainfs_error_errno(err),
+                              "cannot grow %s: %s", mj->base->name,
+                              err->message);
     }
     chain->write_hook = active_write_hook;
     chain->write_hook_opaque = s;
     s->hooked = true;
     chain_topo_unlock(chain);
-    job_set_progress(job, 0, s->size);
+    return 0;
+}
 
-    /* Steps 2 and 3. */
+/* Step 1, second half: mark what is allocated above base, under the read
+ * lock a slice at a time while guests go on (why that is enough: step 1
+ * at the top of the file). */
+static int active_scan(ActiveCommitJob *s)
+{
+    MergeJob *mj = &s->common;
+    Chain *chain = mj->chain;
+
+    for (uint64_t off = 0; off < mj->size;) {
+        uint64_t slice_end = MIN(off + ACTIVE_SCAN_BYTES, mj->size);
+        guint base_idx;
+        int st = 0;
+
+        if (job_pause_point(&mj->job)) {
+            return -ECANCELED;
+        }
+        chain_topo_rdlock(chain);
+        if (!active_layers(s, &base_idx)) {
+            st = -ESTALE;
+        }
+        while (st >= 0 && off < slice_end) {
+            uint64_t pnum;
+            int owner;
+
+            st = chain_status_above(chain, 0, base_idx, off, slice_end - off,
+                                    &pnum, &owner);
+            if (st >= 0 && st != BLOCK_UNALLOCATED) {
+                g_mutex_lock(&s->dirty_lock);
+                dirty_set(s, off, pnum);
+                g_mutex_unlock(&s->dirty_lock);
+            }
+            off += st >= 0 ? pnum : 0;
+        }
+        chain_topo_unlock(chain);
+        if (st < 0) {
+            return merge_job_fail(mj, st, "cannot read the allocation of "
+                                  "%s: %s", mj->top->name, g_strerror(-st));
+        }
+    }
+    return 0;
+}
+
+/* Steps 2 and 3: copy passes until mirroring has emptied the dirty set. */
+static int active_converge(ActiveCommitJob *s)
+{
+    int stale = 0;
+
     for (;;) {
-        uint64_t nd;
-        bool mirror;
-        int ret;
-
-        prev = active_ndirty(s);
-        ret = active_pass(job, buf);
+        uint64_t prev = active_ndirty(s), nd;
+        int ret = active_pass(s);
 
         if (ret < 0) {
             return ret;
         }
         nd = active_ndirty(s);
-        g_mutex_lock(&s->dirty_lock);
-        mirror = s->mirror;
-        g_mutex_unlock(&s->dirty_lock);
-        if (mirror && nd == 0) {
-            break;
-        }
-        if (!mirror) {
-            /* A pass that did not halve the dirty set is losing. */
-            stale = nd * 2 > prev ? stale + 1 : 0;
-            if (nd == 0 || stale >= ACTIVE_STALE_PASSES ||
-                nd * s->granule <= ACTIVE_MIRROR_THRESHOLD) {
-                active_start_mirror(s);
+        if (active_mirroring(s)) {
+            if (nd == 0) {
+                return 0;
             }
+            continue;
+        }
+        /* A pass that did not halve the dirty set is losing. */
+        stale = nd * 2 > prev ? stale + 1 : 0;
+        if (nd == 0 || stale >= ACTIVE_STALE_PASSES ||
+            nd * s->granule <= ACTIVE_MIRROR_THRESHOLD) {
+            active_start_mirror(s);
         }
     }
-    job_set_progress(job, s->size, s->size);
+}
+
+static int active_run(Job *job)
+{
+    ActiveCommitJob *s = active_job(job);
+    MergeJob *mj = &s->common;
+    int ret = active_install_hook(s);
+
+    if (ret == 0) {
+        job_set_progress(job, 0, mj->size);
+        ret = active_scan(s);
+    }
+    if (ret == 0) {
+        ret = active_converge(s);
+    }
+    if (ret < 0) {
+        return ret;
+    }
+    job_set_progress(job, mj->size, mj->size);
     /* From here on the guest writes both images (base alone after the
      * pivot): leave them without the copy's large folios.  base is
      * flushed first so that its copied pages are clean and can go. */
-    if (s->base->drv->flush(s->base) == 0) {
-        chain_image_drop_cache(s->base);
+    if (mj->base->drv->flush(mj->base) == 0) {
+        chain_image_drop_cache(mj->base);
     }
-    chain_image_drop_cache(s->top);
+    chain_image_drop_cache(mj->top);
     job_transition_to_ready(job);
-    g_message("%s: active commit of %s into %s is ready", chain->name,
-              s->top->name, s->base->name);
+    g_message("%s: active commit of %s into %s is ready", mj->chain->name,
+              mj->top->name, mj->base->name);
     merge_crash_point("active-ready");
 
     /* Step 4 waits for pivot; meanwhile copy what a failed mirror left. */
     for (;;) {
-        int ret = job_wait_complete(job, ACTIVE_READY_POLL_US);
-
+        ret = job_wait_complete(job, ACTIVE_READY_POLL_US);
         if (ret != -ETIMEDOUT) {
             return ret;
         }
         if (active_ndirty(s) > 0) {
-            ret = active_pass(job, buf);
+            ret = active_pass(s);
             if (ret < 0) {
                 return ret;
             }
@@ -457,30 +457,28 @@ static int active_run(Job *job)
 
 /* Guest writes stop reaching base and stop serialising.  Topology write
  * lock held. */
-static void active_unhook(ActiveJob *s)
+static void active_unhook(ActiveCommitJob *s)
 {
+    Chain *chain = s->common.chain;
+
     if (s->hooked) {
-        s->chain->write_hook = NULL;
-        s->chain->write_hook_opaque = NULL;
+        chain->write_hook = NULL;
+        chain->write_hook_opaque = NULL;
         s->hooked = false;
     }
-    merge_serialize_end(s->chain, &s->serializing);
+    merge_serialize_end(chain, &s->serializing);
 }
 
-/* Pivot (step 4). */
-static int active_prepare(Job *job)
+/* Pivot, first part: drained (write lock held), copy what is still dirty,
+ * no range lock needed, and flush base.  0 or negative errno. */
+static int active_pivot_copy(ActiveCommitJob *s, guint base_idx)
 {
-    ActiveJob *s = active_job(job);
-    Chain *chain = s->chain;
-    const char *dir = image_set_dir(chain->set);
+    MergeJob *mj = &s->common;
     g_autofree void *buf = g_malloc(MERGE_CHUNK);
-    g_autoptr(GError) err = NULL;
-    int base_idx, ret;
 
-    chain_topo_wrlock(chain);
-    /* Drained: finish what is still dirty, no range lock needed. */
     for (;;) {
         uint64_t first, count, written, off;
+        int ret;
 
         g_mutex_lock(&s->dirty_lock);
         first = dirty_next(s, 0);
@@ -492,90 +490,104 @@ static int active_prepare(Job *job)
             break;
         }
         off = first * s->granule;
-        ret = active_copy_range(s, off, MIN(count * s->granule,
-                                            s->size - off), buf, &written);
+        ret = copy_above_range(mj->chain, 0, base_idx, mj->base, off,
+                               MIN(count * s->granule, mj->size - off), buf,
+                               &written);
         if (ret < 0) {
             g_mutex_lock(&s->dirty_lock);
             dirty_set(s, off, count * s->granule);
             g_mutex_unlock(&s->dirty_lock);
-            chain_topo_unlock(chain);
-            job_set_error(job, -ret, "pivot of %s: cannot copy offset %"
-                          G_GUINT64_FORMAT " into %s: %s", chain->name, off,
-                          s->base->name, g_strerror(-ret));
-            return ret;
+            return merge_job_fail(mj, ret, "pivot of %s: cannot copy offset %"
+                                  G_GUINT64_FORMAT " into %s: %s",
+                                  mj->chain->name, off, mj->base->name,
+                                  g_strerror(-ret));
         }
     }
-    ret = s->base->drv->flush(s->base);
+    {
+        int ret = mj->base->drv->flush(mj->base);
+
+        if (ret < 0) {
+            return merge_job_fail(mj, ret, "pivot of %s: cannot flush %s: %s",
+                                  mj->chain->name, mj->base->name,
+                                  g_strerror(-ret));
+        }
+    }
+    return 0;
+}
+
+/* Pivot (step 4). */
+static int active_prepare(Job *job)
+{
+    ActiveCommitJob *s = active_job(job);
+    MergeJob *mj = &s->common;
+    Chain *chain = mj->chain;
+    const char *dir = image_set_dir(chain->set);
+    g_autoptr(GError) err = NULL;
+    guint base_idx = 0;
+    int ret;
+
+    chain_topo_wrlock(chain);
+    ret = active_layers(s, &base_idx) ? active_pivot_copy(s, base_idx)
+          : merge_job_fail(mj, -ESTALE, "the layers of %s changed during the "
+                           "commit", chain->name);
     if (ret < 0) {
         chain_topo_unlock(chain);
-        job_set_error(job, -ret, "pivot of %s: cannot flush %s: %s",
-                      chain->name, s->base->name, g_strerror(-ret));
         return ret;
-    }
-    base_idx = merge_layer_index(chain, s->base);
-    if (base_idx < 1 || chain_layer(chain, 0) != s->top) {
-        chain_topo_unlock(chain);
-        job_set_error(job, ESTALE, "the layers of %s changed during the "
-                      "commit", chain->name);
-        return -ESTALE;
     }
     merge_crash_point("active-pivot-flushed");
     /* The one atomic step: from here on the export is served from base. */
-    if (!checkpoint_record_dropped(dir, chain->name, s->layers,
-                                   s->base->name, &err)) {
+    if (!checkpoint_record_dropped(dir, chain->name, mj->layers,
+                                   mj->base->name, &err)) {
         chain_topo_unlock(chain);
-        job_set_error(job, chainfs_error_errno(err), "pivot of %s: %s",
-                      chain->name, err->message);
-        return -chainfs_error_errno(err);
+        return merge_job_fail(mj, -chainfs_error_errno(err),
+                              "pivot of %s: %s", chain->name, err->message);
     }
     merge_crash_point("active-pivot-recorded");
     active_unhook(s);
-    for (int i = 0; i < base_idx; i++) {
-        g_ptr_array_remove(s->reopened, chain_layer(chain, (guint)i));
+    for (guint i = 0; i < base_idx; i++) {
+        g_ptr_array_remove(mj->reopened, chain_layer(chain, i));
     }
-    chain_drop_layers(chain, 0, (guint)base_idx - 1);
-    s->pivoted = true;
+    chain_drop_layers(chain, 0, base_idx - 1);
     chain_topo_unlock(chain);
     merge_crash_point("active-dropped");
-    g_message("%s: pivoted to %s", chain->name, s->base->name);
-    if (s->opts.delete_dropped) {
-        merge_unlink_dropped(dir, s->layers);
+    g_message("%s: pivoted to %s", chain->name, mj->base->name);
+    if (mj->delete_dropped) {
+        merge_unlink_dropped(dir, mj->layers);
     }
     return 0;
 }
 
 static void active_abort(Job *job)
 {
-    merge_forget_unless_interrupted(job, active_job(job)->chain);
+    merge_job_stopped(merge_job(job));
 }
 
 /* Step 5, and the end of every active commit. */
 static void active_clean(Job *job)
 {
-    ActiveJob *s = active_job(job);
-    Chain *chain = s->chain;
+    ActiveCommitJob *s = active_job(job);
+    Chain *chain = s->common.chain;
 
     chain_topo_wrlock(chain);
     active_unhook(s);
-    merge_reopen_ro(chain, s->reopened);
+    merge_reopen_ro(chain, s->common.reopened);
     chain_topo_unlock(chain);
 }
 
 static void active_free(Job *job)
 {
-    ActiveJob *s = active_job(job);
+    ActiveCommitJob *s = active_job(job);
 
-    commit_options_clear(&s->opts);
-    g_free(s->words);
-    g_strfreev(s->layers);
-    g_ptr_array_free(s->reopened, TRUE);
+    merge_job_free_common(&s->common);
     g_free(s->dirty);
-    g_mutex_clear(&s->dirty_lock);
-    g_free(s);
+    if (s->granule) {
+        g_mutex_clear(&s->dirty_lock);
+    }
 }
 
 static const JobDriver active_job_driver = {
     .type = "active-commit",
+    .instance_size = sizeof(ActiveCommitJob),
     .run = active_run,
     .prepare = active_prepare,
     .abort = active_abort,
@@ -583,76 +595,24 @@ static const JobDriver active_job_driver = {
     .free = active_free,
 };
 
-Job *active_commit_job_create(MergeContext *ctx, Chain *chain,
-                              const CommitOptions *opts, GError **error)
+/* The dirty bitmap.  A crash before pivot starts over at the next mount
+ * (base holds nothing the export shows until pivot, so that is always
+ * safe): the checkpoint keeps no offset. */
+static void active_init(MergeJob *mj)
 {
-    g_autofree char *id = NULL;
-    ActiveJob *s = g_new0(ActiveJob, 1);
-    CommitPlan plan;
-    Checkpoint cp = { 0 };
-    bool ok;
+    ActiveCommitJob *s = container_of(mj, ActiveCommitJob, common);
 
-    s->ctx = ctx;
-    s->chain = chain;
-    s->reopened = g_ptr_array_new();
     g_mutex_init(&s->dirty_lock);
-    s->opts = *opts;
-    s->opts.top = g_strdup(opts->top);
-    s->opts.base = g_strdup(opts->base);
-
-    /* The checks read metadata: under the read lock, guests go on. */
-    chain_topo_rdlock(chain);
-    ok = commit_plan(chain, opts, false, &plan, error);
-    if (ok) {
-        const char *base_name[] = { plan.base->name, NULL };
-
-        s->layers = commit_layer_names(chain, 0, plan.base_idx - 1);
-        if (!opts->force) {
-            ok = merge_check_users(chain, (char **)base_name, "base", error) &&
-                 merge_check_users(chain, s->layers, "layer", error);
-        }
-        ok = ok && commit_check_space(chain, &plan, error);
-    }
-    chain_topo_unlock(chain);
-    if (ok) {
-        CommitPlan again;
-
-        chain_topo_wrlock(chain);
-        ok = commit_plan(chain, opts, false, &again, error);
-        if (ok && (again.top != plan.top || again.base != plan.base)) {
-            chainfs_set_error(error, EBUSY, "the layers of %s changed; try "
-                              "again", chain->name);
-            ok = false;
-        }
-        ok = ok && merge_reopen_rw(again.base, s->reopened, error);
-        chain_topo_unlock(chain);
-    }
-    if (!ok) {
-        active_free(&(Job){ .opaque = s });
-        return NULL;
-    }
-    s->top = plan.top;
-    s->base = plan.base;
-    s->size = plan.size;
-    s->granule = MAX((uint64_t)plan.base->cluster_size, 65536);
-    s->nbits = (s->size + s->granule - 1) / s->granule;
+    s->granule = MAX((uint64_t)mj->base->cluster_size, 65536);
+    s->nbits = (mj->size + s->granule - 1) / s->granule;
     s->dirty = g_new0(guint64, s->nbits / 64 + 1);
-    g_free(s->opts.top);
-    s->opts.top = g_strdup(plan.top->name);
-    g_free(s->opts.base);
-    s->opts.base = g_strdup(plan.base->name);
-    s->opts.shallow = false;
-    s->words = commit_options_format(&s->opts);
-
-    /* For the next mount, should the daemon die: starts over (base holds
-     * nothing the export shows until pivot, so that is always safe). */
-    cp.type = (char *)"active-commit";
-    cp.top = plan.top->name;
-    cp.base = plan.base->name;
-    cp.options = s->words;
-    cp.layers = s->layers;
-    merge_save_checkpoint(chain, &cp, NULL);
-    id = merge_context_next_id(ctx, "active-commit");
-    return job_new(&active_job_driver, id, plan.top->name, plan.base->name,
-                   opts->bandwidth, s);
 }
+
+const MergeJobKind active_commit_job_kind = {
+    .driver = &active_job_driver,
+    .plan = commit_kind_plan,
+    .check = commit_kind_check,
+    .reopen = commit_kind_reopen,
+    .words = commit_kind_words,
+    .init = active_init,
+};

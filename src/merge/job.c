@@ -111,15 +111,17 @@ bool job_verb_allowed(JobStatus s, JobVerb v)
            job_verb_table[v][s];
 }
 
-/* Call with job->lock held.  An illegal move is a bug in this file. */
+/* Call with job->lock held.  An illegal move is a bug in this file: the
+ * state would no longer say what the job does, so stop here (as QEMU's
+ * job_state_transition asserts). */
 static void job_state_transition(Job *job, JobStatus t)
 {
     if (job->status == t) {
         return;
     }
     if (!job_transition_allowed(job->status, t)) {
-        g_critical("job %s: illegal transition %s -> %s", job->id,
-                   job_status_name(job->status), job_status_name(t));
+        g_error("job %s: illegal transition %s -> %s", job->id,
+                job_status_name(job->status), job_status_name(t));
     }
     job->status = t;
     g_cond_broadcast(&job->cond);
@@ -128,6 +130,13 @@ static void job_state_transition(Job *job, JobStatus t)
 /* Call with job->lock held. */
 static bool job_apply_verb(Job *job, JobVerb v, GError **error)
 {
+    if (v == JOB_VERB_PAUSE && job->pause_requested &&
+        job_verb_allowed(job->status, v)) {
+        chainfs_set_error(error, EBUSY, "job in state %s cannot %s: a pause "
+                          "is already pending", job_status_name(job->status),
+                          job_verb_name(v));
+        return false;
+    }
     if (job_verb_allowed(job->status, v)) {
         return true;
     }
@@ -137,15 +146,17 @@ static bool job_apply_verb(Job *job, JobVerb v, GError **error)
 }
 
 Job *job_new(const JobDriver *driver, const char *id, const char *top,
-             const char *base, uint64_t speed, void *opaque)
+             const char *base, uint64_t speed)
 {
-    Job *job = g_new0(Job, 1);
+    Job *job;
+
+    g_assert(driver->instance_size >= sizeof(Job));
+    job = g_malloc0(driver->instance_size);
 
     job->driver = driver;
     job->id = g_strdup(id);
     job->top = g_strdup(top);
     job->base = g_strdup(base);
-    job->opaque = opaque;
     g_mutex_init(&job->lock);
     g_cond_init(&job->cond);
     job->status = JOB_STATUS_CREATED;
@@ -169,6 +180,7 @@ void job_free(Job *job)
     g_free(job->top);
     g_free(job->base);
     g_free(job->error);
+    g_free(job->stop_error);
     g_mutex_clear(&job->lock);
     g_cond_clear(&job->cond);
     g_free(job);
@@ -183,6 +195,8 @@ static gpointer job_thread_main(gpointer opaque)
     ret = job->driver->run(job);
 
     g_mutex_lock(&job->lock);
+    /* A pause asked too late for run to take it: nothing left to pause. */
+    job->pause_requested = false;
     if (ret == 0 && job->cancel_requested) {
         ret = -ECANCELED;
     }
@@ -233,17 +247,21 @@ bool job_start(Job *job, GError **error)
     if (!job_apply_verb(job, JOB_VERB_START, error)) {
         return false;
     }
-    job_state_transition(job, JOB_STATUS_RUNNING);
+    /* The thread waits for the lock we hold: it sees RUNNING first. */
     job->thread = g_thread_try_new(job->id, job_thread_main, job,
                                    &thread_err);
     if (!job->thread) {
-        /* Nothing ran: back to a state the caller can free. */
-        job->status = JOB_STATUS_FAILED;
+        /* Nothing ran: it ends through the table, with no callback. */
+        job_state_transition(job, JOB_STATUS_ABORTING);
+        job_state_transition(job, JOB_STATUS_FAILED);
+        job->err = EAGAIN;
+        job->error = g_strdup_printf("cannot start the job thread: %s",
+                                     thread_err->message);
         job->finished = true;
-        chainfs_set_error(error, EAGAIN, "cannot start the job thread: %s",
-                          thread_err->message);
+        chainfs_set_error(error, EAGAIN, "%s", job->error);
         return false;
     }
+    job_state_transition(job, JOB_STATUS_RUNNING);
     return true;
 }
 
@@ -254,10 +272,27 @@ bool job_pause(Job *job, GError **error)
     if (!job_apply_verb(job, JOB_VERB_PAUSE, error)) {
         return false;
     }
+    /* The job thread enters PAUSED at its pause point (job_pause_point),
+     * once nothing of the job is in flight. */
     job->pause_requested = true;
-    job_state_transition(job, job->status == JOB_STATUS_READY ?
-                         JOB_STATUS_STANDBY : JOB_STATUS_PAUSED);
+    g_cond_broadcast(&job->cond);
     return true;
+}
+
+bool job_wait_paused(Job *job, int64_t timeout_us)
+{
+    g_autoptr(GMutexLocker) locker = g_mutex_locker_new(&job->lock);
+    int64_t end = g_get_monotonic_time() + timeout_us;
+
+    while (job->pause_requested && !job->cancel_requested &&
+           job->status != JOB_STATUS_PAUSED &&
+           job->status != JOB_STATUS_STANDBY && !job->finished) {
+        if (!g_cond_wait_until(&job->cond, &job->lock, end)) {
+            break;
+        }
+    }
+    return job->status == JOB_STATUS_PAUSED ||
+           job->status == JOB_STATUS_STANDBY;
 }
 
 bool job_resume(Job *job, GError **error)
@@ -268,6 +303,7 @@ bool job_resume(Job *job, GError **error)
         return false;
     }
     job->pause_requested = false;
+    job->resumes++;
     if (job->paused_on_error) {
         /* The error was why it paused; resuming retries, so it goes. */
         job->paused_on_error = false;
@@ -378,10 +414,28 @@ bool job_is_interrupted(Job *job)
     return job->interrupted;
 }
 
-/* Call with job->lock held.  Waits out a pause; TRUE when cancelled. */
+/* Call with job->lock held, in the job thread, nothing in flight: takes
+ * an asked pause (the one place PAUSED and STANDBY are entered) and waits
+ * it out.  job_resume moves the state back.  TRUE when cancelled. */
 static bool job_pause_point_locked(Job *job)
 {
-    while (job->pause_requested && !job->cancel_requested) {
+    unsigned resumes = job->resumes;
+
+    if (job->pause_requested && !job->cancel_requested) {
+        job_state_transition(job, job->status == JOB_STATUS_READY ?
+                             JOB_STATUS_STANDBY : JOB_STATUS_PAUSED);
+        if (job->stop_error) {
+            g_free(job->error);
+            job->error = g_steal_pointer(&job->stop_error);
+            job->err = job->stop_err;
+            job->paused_on_error = true;
+        }
+    }
+    /* Until this pause ends.  A pause asked again right after the resume
+     * (a worker's error) is not this one: the caller must first see that
+     * nothing is in flight again. */
+    while (job->pause_requested && !job->cancel_requested &&
+           job->resumes == resumes) {
         g_cond_wait(&job->cond, &job->lock);
     }
     return job->cancel_requested;
@@ -394,6 +448,29 @@ bool job_pause_point(Job *job)
     return job_pause_point_locked(job);
 }
 
+bool job_pause_requested(Job *job)
+{
+    g_autoptr(GMutexLocker) locker = g_mutex_locker_new(&job->lock);
+
+    return job->pause_requested && !job->cancel_requested;
+}
+
+bool job_wait_unpaused(Job *job)
+{
+    g_autoptr(GMutexLocker) locker = g_mutex_locker_new(&job->lock);
+
+    while (job->pause_requested && !job->cancel_requested) {
+        g_cond_wait(&job->cond, &job->lock);
+    }
+    return job->cancel_requested;
+}
+
+/* Call with job->lock held: should a wait of the job end now? */
+static bool job_wait_interrupted(Job *job)
+{
+    return job->cancel_requested || job->pause_requested;
+}
+
 bool job_rate_limit(Job *job, uint64_t bytes)
 {
     g_autoptr(GMutexLocker) locker = g_mutex_locker_new(&job->lock);
@@ -401,8 +478,10 @@ bool job_rate_limit(Job *job, uint64_t bytes)
     for (;;) {
         int64_t delay;
 
-        if (job_pause_point_locked(job)) {
-            return true;
+        if (job_wait_interrupted(job)) {
+            /* A pause ends the wait uncharged (at most one step of the
+             * job goes free); the caller pauses next. */
+            return job->cancel_requested;
         }
         delay = ratelimit_delay(&job->limit, bytes,
                                 g_get_monotonic_time() * 1000);
@@ -421,8 +500,8 @@ bool job_sleep(Job *job, int64_t us)
     int64_t until = g_get_monotonic_time() + us;
 
     for (;;) {
-        if (job_pause_point_locked(job)) {
-            return true;
+        if (job_wait_interrupted(job)) {
+            return job->cancel_requested;
         }
         if (g_get_monotonic_time() >= until) {
             return false;
@@ -476,18 +555,15 @@ JobErrorAction job_handle_error(Job *job, OnErrorPolicy policy, int err,
             *ret_out = -ECANCELED;
             return JOB_ERROR_FAIL;
         }
-        g_free(job->error);
-        job->error = g_strdup_printf("%s: %s", what, g_strerror(err));
-        job->err = err;
-        job->paused_on_error = true;
+        /* Shown with the pause, so that a job that shows the error is
+         * paused. */
+        g_free(job->stop_error);
+        job->stop_error = g_strdup_printf("%s: %s", what, g_strerror(err));
+        job->stop_err = err;
+        /* Paused at the caller's pause point, with the rest of the job's
+         * I/O ended: the caller retries after it. */
         job->pause_requested = true;
-        job_state_transition(job, job->status == JOB_STATUS_READY ||
-                             job->status == JOB_STATUS_STANDBY ?
-                             JOB_STATUS_STANDBY : JOB_STATUS_PAUSED);
-        if (job_pause_point_locked(job)) {
-            *ret_out = -ECANCELED;
-            return JOB_ERROR_FAIL;
-        }
+        g_cond_broadcast(&job->cond);
         return JOB_ERROR_RETRY;
     case ON_ERROR_REPORT:
     default:
@@ -503,11 +579,10 @@ void job_transition_to_ready(Job *job)
 {
     g_autoptr(GMutexLocker) locker = g_mutex_locker_new(&job->lock);
 
+    /* Called by run between its pause points, so never PAUSED here; a
+     * cancel that came first (ABORTING) is seen by job_wait_complete. */
     if (job->status == JOB_STATUS_RUNNING) {
         job_state_transition(job, JOB_STATUS_READY);
-    } else if (job->status == JOB_STATUS_PAUSED) {
-        /* Paused on the way: it becomes ready-but-paused. */
-        job_state_transition(job, JOB_STATUS_STANDBY);
     }
 }
 
@@ -517,10 +592,11 @@ int job_wait_complete(Job *job, int64_t timeout_us)
     int64_t end = g_get_monotonic_time() + timeout_us;
 
     for (;;) {
-        if (job->cancel_requested) {
+        /* Nothing in flight while the driver waits here. */
+        if (job_pause_point_locked(job)) {
             return -ECANCELED;
         }
-        if (job->complete_requested && !job->pause_requested) {
+        if (job->complete_requested) {
             return 0;
         }
         if (!g_cond_wait_until(&job->cond, &job->lock, end)) {

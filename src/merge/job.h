@@ -6,6 +6,11 @@
  * between chunks.  Knows nothing of chains (tests drive it with fake
  * drivers).
  *
+ * A driver's state embeds Job first (`CommitJob { MergeJob common; ... }`,
+ * `MergeJob { Job job; ... }`, as QEMU's BlockJob embeds Job), allocated
+ * by job_new() at the driver's instance_size and reached with
+ * container_of().
+ *
  * Life of a job:
  *
  *   CREATED -start-> RUNNING -(run returns 0)-> PENDING -(prepare)-> COMPLETED
@@ -19,6 +24,10 @@
  *
  * The terminal status is set only after the driver's clean() returned, so
  * a job seen as completed/failed/cancelled no longer touches the chain.
+ * PAUSED (and STANDBY) is entered by the job thread at its pause point,
+ * when none of the job's I/O is in flight: the pause verb only asks.  An
+ * illegal transition is a bug and aborts the process (QEMU asserts too);
+ * a verb the state does not accept is refused with a message.
  * Outside (design.md) the states are named running, paused, ready,
  * completed, failed, cancelled: CREATED, PENDING and ABORTING show as
  * running, STANDBY as paused.
@@ -27,10 +36,17 @@
 #define CHAINFS_JOB_H
 
 #include <stdbool.h>
+#include <stddef.h>
 #include <stdint.h>
 #include <glib.h>
 
 #include "merge.h"
+
+#ifndef container_of
+/* The struct of type that holds ptr as its member. */
+#define container_of(ptr, type, member) \
+    ((type *)(void *)((char *)(ptr) - offsetof(type, member)))
+#endif
 
 typedef enum {
     JOB_STATUS_CREATED = 0,
@@ -77,6 +93,7 @@ typedef struct Job Job;
 
 typedef struct JobDriver {
     const char *type;     /* "commit", "active-commit", "stream" */
+    size_t instance_size; /* of the driver's struct, Job first */
 
     /*
      * In the job thread.  Does the work, calling job_pause_point() (and
@@ -89,11 +106,13 @@ typedef struct JobDriver {
     /* In the job thread, status PENDING: make the result permanent.
      * 0 or negative errno (with job_set_error): then abort runs too. */
     int (*prepare)(Job *job);
-    /* In the job thread, status ABORTING: undo what must be undone. */
+    /* In the job thread, status ABORTING: undo what must be undone.  A job
+     * that never started (job_start failed) runs no callback at all. */
     void (*abort)(Job *job);
     /* In the job thread, always last: release what run took. */
     void (*clean)(Job *job);
-    /* Free the driver part (job->opaque); any thread, job finished. */
+    /* Free what the driver's part holds (not the struct itself); any
+     * thread, job finished or never started. */
     void (*free)(Job *job);
 } JobDriver;
 
@@ -102,7 +121,6 @@ struct Job {
     char *id;             /* fixed */
     char *top;            /* fixed: for the info JSON */
     char *base;           /* fixed */
-    void *opaque;         /* driver state; the driver's own locking */
 
     GMutex lock;          /* guards every field below */
     GCond cond;           /* signalled on every change of the fields below */
@@ -112,11 +130,16 @@ struct Job {
     bool complete_requested;
     bool interrupted;     /* stopped by shutdown, not by the user */
     bool paused_on_error; /* PAUSED by on-error=stop */
+    unsigned resumes;     /* counts resume verbs: ends one pause point's
+                             wait even when a new pause is asked at once */
     uint64_t offset;      /* progress, 0 <= offset <= len */
     uint64_t len;
     uint64_t copied;      /* bytes actually written by this run */
     int err;              /* errno of the error, 0 none */
     char *error;          /* message of the error, NULL none */
+    char *stop_error;     /* on-error=stop: becomes error when the pause
+                             it asked is taken */
+    int stop_err;
     RateLimit limit;
     GThread *thread;
     bool finished;        /* thread done: terminal status set */
@@ -130,15 +153,22 @@ bool job_status_is_terminal(JobStatus s);
 bool job_transition_allowed(JobStatus s, JobStatus t);
 bool job_verb_allowed(JobStatus s, JobVerb v);
 
-/* A job in CREATED; opaque belongs to the driver. */
+/* A job in CREATED: driver->instance_size bytes, zeroed but for Job. */
 Job *job_new(const JobDriver *driver, const char *id, const char *top,
-             const char *base, uint64_t speed, void *opaque);
+             const char *base, uint64_t speed);
 /* Join the thread (the job must be finished or never started), free. */
 void job_free(Job *job);
 
-/* Verbs (any thread).  EBUSY "job in state S cannot V" when refused. */
+/* Verbs (any thread).  EBUSY "job in state S cannot V" when refused.
+ * job_start fails (EAGAIN) only when no thread can be made: the job then
+ * ends FAILED without having run any driver callback. */
 bool job_start(Job *job, GError **error);
+/* Asks for a pause; the job enters PAUSED at its next pause point.  A
+ * second pause while one is pending is refused. */
 bool job_pause(Job *job, GError **error);
+/* Wait (at most timeout_us) until a requested pause took effect, the pause
+ * was withdrawn or the job finished.  TRUE when paused. */
+bool job_wait_paused(Job *job, int64_t timeout_us);
 bool job_resume(Job *job, GError **error);
 bool job_set_speed(Job *job, uint64_t speed, GError **error);
 bool job_complete(Job *job, GError **error);
@@ -152,12 +182,21 @@ JobStatus job_get_status(Job *job);
 
 /* ---- for drivers, in the job thread ----------------------------------- */
 
-/* Block while paused.  TRUE when the job must stop (cancelled). */
+/* The pause point: call only when none of the job's I/O is in flight.
+ * When a pause is asked, enter PAUSED (STANDBY when ready) and block until
+ * resumed.  TRUE when the job must stop (cancelled). */
 bool job_pause_point(Job *job);
-/* Wait until bytes may go at the job's speed, pausing meanwhile.  TRUE
- * when the job must stop. */
+/* Is a pause asked for (and not yet taken)?  A worker that sees it stops
+ * between steps so that the job thread can reach its pause point. */
+bool job_pause_requested(Job *job);
+/* For a job's worker threads: block while a pause is asked or in force
+ * (the job thread does the state change).  TRUE when cancelled. */
+bool job_wait_unpaused(Job *job);
+/* Wait until bytes may go at the job's speed; cut short by a pause request
+ * (the caller reaches its pause point next) or a cancel.  TRUE when the
+ * job must stop. */
 bool job_rate_limit(Job *job, uint64_t bytes);
-/* Wait us microseconds, pausing meanwhile; woken early by a cancel.  TRUE
+/* Wait us microseconds; cut short by a pause request or a cancel.  TRUE
  * when the job must stop. */
 bool job_sleep(Job *job, int64_t us);
 /* Does a speed limit apply now? */
@@ -170,11 +209,13 @@ void job_set_error(Job *job, int err, const char *fmt, ...)
     G_GNUC_PRINTF(3, 4);
 
 /*
- * An I/O error on a range under policy: returns JOB_ERROR_RETRY (stop
- * policy: paused with the error until resume), JOB_ERROR_SKIP (ignore: the
- * driver goes on, but must never drop a layer whose data it skipped), or
- * JOB_ERROR_FAIL (report; or cancelled while paused: then -ECANCELED is
- * the caller's return).  *ret_out gets what run should return on FAIL.
+ * An I/O error on a range under policy (QEMU's block_job_error_action):
+ * returns JOB_ERROR_RETRY (stop policy: the error is recorded and a pause
+ * asked; the caller retries after its pause point, which holds it until
+ * resume), JOB_ERROR_SKIP (ignore: the driver goes on, but must never drop
+ * a layer whose data it skipped), or JOB_ERROR_FAIL (report; or already
+ * cancelled: then -ECANCELED is the caller's return).  *ret_out gets what
+ * run should return on FAIL.
  */
 typedef enum {
     JOB_ERROR_RETRY,
@@ -184,11 +225,12 @@ typedef enum {
 JobErrorAction job_handle_error(Job *job, OnErrorPolicy policy, int err,
                                 const char *what, int *ret_out);
 
-/* RUNNING -> READY (announce convergence). */
+/* RUNNING -> READY (announce convergence); a pause asked meanwhile is
+ * taken by job_wait_complete (READY -> STANDBY). */
 void job_transition_to_ready(Job *job);
-/* In READY: wait for complete (returns 0) or cancel (-ECANCELED), or
- * until timeout_us passes (returns -ETIMEDOUT), so the driver can keep
- * working. */
+/* In READY, a pause point: wait for complete (returns 0) or cancel
+ * (-ECANCELED), or until timeout_us passes (returns -ETIMEDOUT), so the
+ * driver can keep working; a pause is taken here. */
 int job_wait_complete(Job *job, int64_t timeout_us);
 bool job_is_cancelled(Job *job);
 bool job_is_interrupted(Job *job);

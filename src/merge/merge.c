@@ -151,13 +151,6 @@ static MergeSlot *merge_slot(MergeContext *ctx, Chain *chain)
     return chain->job;
 }
 
-/*
- * Create a job with create() under the slot lock, refusing EBUSY while
- * another one is live, and start it.  On failure nothing changed.
- */
-typedef Job *(*MergeJobCreateFn)(MergeContext *ctx, Chain *chain,
-                                 const void *opts, GError **error);
-
 /* EBUSY while a job is live on chain.  slot->lock held. */
 static bool slot_check_idle(MergeSlot *slot, Chain *chain, GError **error)
 {
@@ -175,9 +168,13 @@ static bool slot_check_idle(MergeSlot *slot, Chain *chain, GError **error)
     return true;
 }
 
+/*
+ * Create a job of kind under the slot lock, refusing EBUSY while another
+ * one is live, and start it.  On failure nothing changed.
+ */
 static bool merge_start_job(MergeContext *ctx, Chain *chain,
-                            MergeJobCreateFn create, const void *opts,
-                            GError **error)
+                            const MergeJobKind *kind, const void *opts,
+                            uint64_t speed, GError **error)
 {
     MergeSlot *slot = merge_slot(ctx, chain);
     g_autoptr(GMutexLocker) locker = g_mutex_locker_new(&slot->lock);
@@ -186,22 +183,13 @@ static bool merge_start_job(MergeContext *ctx, Chain *chain,
     if (!slot_check_idle(slot, chain, error)) {
         return false;
     }
-    job = create(ctx, chain, opts, error);
+    job = merge_job_create(kind, ctx, chain, opts, speed, error);
     if (!job) {
         return false;
     }
     if (!job_start(job, error)) {
-        /* create() recorded the job for the next mount; the user is told
-         * it failed, so it ends as a job cancelled before it copied
-         * anything: not resumed at the next mount, and a commit keeps the
-         * offset it would have resumed from. */
-        if (job->driver->abort) {
-            job->driver->abort(job);
-        }
-        if (job->driver->clean) {
-            job->driver->clean(job);
-        }
-        job_free(job);
+        /* No thread ran any driver callback: undo the constructor here. */
+        merge_job_discard(merge_job(job));
         return false;
     }
     /* The last job stays visible until now. */
@@ -236,24 +224,6 @@ bool merge_run_idle(MergeContext *ctx, Chain *chain, const char *what,
     return fn(chain, opaque, error);
 }
 
-static Job *merge_create_commit(MergeContext *ctx, Chain *chain,
-                                const void *opts, GError **error)
-{
-    return commit_job_create(ctx, chain, opts, error);
-}
-
-static Job *merge_create_active_commit(MergeContext *ctx, Chain *chain,
-                                       const void *opts, GError **error)
-{
-    return active_commit_job_create(ctx, chain, opts, error);
-}
-
-static Job *merge_create_stream(MergeContext *ctx, Chain *chain,
-                                const void *opts, GError **error)
-{
-    return stream_job_create(ctx, chain, opts, error);
-}
-
 /* ---- verbs ------------------------------------------------------------ */
 
 typedef bool (*MergeVerbFn)(Job *job, void *arg, GError **error);
@@ -286,9 +256,18 @@ static bool merge_verb_cancel(Job *job, void *arg, GError **error)
     return job_cancel(job, error);
 }
 
+/* How long a pause verb waits for the steps in flight (each one chunk). */
+#define MERGE_PAUSE_WAIT_US (30 * G_USEC_PER_SEC)
+
+/* The job is paused when the verb returns (unless its steps in flight
+ * outlast MERGE_PAUSE_WAIT_US: then it pauses soon after). */
 static bool merge_verb_pause(Job *job, void *arg, GError **error)
 {
-    return job_pause(job, error);
+    if (!job_pause(job, error)) {
+        return false;
+    }
+    job_wait_paused(job, MERGE_PAUSE_WAIT_US);
+    return true;
 }
 
 static bool merge_verb_resume(Job *job, void *arg, GError **error)
@@ -347,7 +326,7 @@ char *merge_job_info_json(Chain *chain)
 bool merge_start_commit(MergeContext *ctx, Chain *chain,
                         const CommitOptions *opts, GError **error)
 {
-    CommitPlan plan;
+    MergePlan plan;
     bool ok;
 
     if (!merge_check_idle(ctx, chain, error)) {
@@ -361,16 +340,16 @@ bool merge_start_commit(MergeContext *ctx, Chain *chain,
     }
     /* The constructors plan again under the slot lock. */
     return merge_start_job(ctx, chain,
-                           plan.top_idx == 0 ? merge_create_active_commit :
-                           merge_create_commit,
-                           opts, error);
+                           plan.top_idx == 0 ? &active_commit_job_kind :
+                           &commit_job_kind,
+                           opts, opts->bandwidth, error);
 }
 
 bool merge_start_stream(MergeContext *ctx, Chain *chain,
                         const StreamOptions *opts, GError **error)
 {
-    return merge_start_job(ctx, chain, merge_create_stream,
-                           opts, error);
+    return merge_start_job(ctx, chain, &stream_job_kind, opts,
+                           opts->bandwidth, error);
 }
 
 /* TRUE when no layer of chain is named in names. */
@@ -510,7 +489,7 @@ char *merge_backing_ref(ChainImage *holder, ChainImage *target,
 }
 
 bool merge_check_users(Chain *chain, char **names, const char *what,
-                       GError **error)
+                       bool forceable, GError **error)
 {
     const char *dir = image_set_dir(chain->set);
     g_autoptr(GPtrArray) except = g_ptr_array_new_with_free_func(g_free);
@@ -531,8 +510,8 @@ bool merge_check_users(Chain *chain, char **names, const char *what,
             chainfs_set_error(error, EBUSY, "%s %s is also used by %s%s",
                               what, names[i],
                               (const char *)g_ptr_array_index(users, 0),
-                              g_str_equal(what, "streamed layer") ? "" :
-                              "; add force to commit anyway");
+                              forceable ? "; add force to commit anyway" :
+                              "");
             return false;
         }
     }
@@ -605,16 +584,6 @@ void merge_serialize_end(Chain *chain, bool *serializing)
     if (*serializing) {
         chain->serialize_count--;
         *serializing = false;
-    }
-}
-
-void merge_forget_unless_interrupted(Job *job, Chain *chain)
-{
-    g_autoptr(GError) err = NULL;
-
-    if (!job_is_interrupted(job) &&
-        !checkpoint_clear(image_set_dir(chain->set), chain->name, &err)) {
-        g_message("%s: %s", chain->name, err->message);
     }
 }
 

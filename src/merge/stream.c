@@ -11,7 +11,8 @@
  * chain_range_lock on their range, and the copy checks again, under its
  * range lock, that the active layer still has nothing there.  A guest write
  * that came first is then seen as allocated and skipped; one that comes
- * later waits for the copy and then overwrites it.
+ * later waits for the copy and then overwrites it.  The copy runs on the
+ * copy engine's workers (copy.c), each step under its own range lock.
  */
 #define G_LOG_DOMAIN "chainfs"
 
@@ -21,231 +22,191 @@
 #include "merge-int.h"
 
 typedef struct {
-    MergeContext *ctx;
-    Chain *chain;
-    StreamOptions opts;
-    char *words;
-    ChainImage *top;      /* the active layer */
-    ChainImage *base;     /* kept as backing file; NULL: none */
-    char *base_name;
-    char **layers;        /* streamed, then dropped */
-    uint64_t size;
+    MergeJob common;
     bool serializing;     /* serialize_count raised by this job */
-    bool finished;
-    int skipped_err;      /* errno of the last range on-error=ignore let pass */
 } StreamJob;
 
 static StreamJob *stream_job(Job *job)
 {
-    return job->opaque;
+    return container_of(merge_job(job), StreamJob, common);
 }
 
-/* Index of base in chain, depth when there is none; -1 if gone. */
-static int stream_base_index(StreamJob *s)
+/* Is top still the active layer?  *base_idx: base's index (the depth when
+ * there is none).  Topology lock held. */
+static bool stream_layers(MergeJob *mj, guint *base_idx)
 {
-    if (!s->base) {
-        return (int)chain_depth(s->chain);
-    }
-    return merge_layer_index(s->chain, s->base);
+    guint top_idx;
+
+    return merge_job_layers(mj, &top_idx, base_idx) && top_idx == 0 &&
+           *base_idx >= 1;
 }
 
 /*
- * Stream the run at off (at most one chunk).  No lock held on entry.
- * *advance: bytes handled; *written: bytes copied into the active layer.
+ * The part of the engine's step under the range lock of [off, off + n):
+ * look again whether a guest write came first, then copy what the layers
+ * below top (down to base) hold.  Topology lock held.
  */
-static int stream_step(StreamJob *s, uint64_t off, void *buf,
+static int stream_copy_locked(MergeJob *mj, guint base_idx, uint64_t off,
+                              uint64_t n, void *buf, uint64_t *advance,
+                              uint64_t *written)
+{
+    ChainImage *top = mj->top;
+    uint64_t pnum;
+    int owner, st, ret;
+
+    st = top->drv->block_status(top, off, n, &pnum);
+    if (st < 0) {
+        return st;
+    }
+    *advance = pnum;
+    if (st != BLOCK_UNALLOCATED) {
+        return 0;
+    }
+    st = chain_status_above(mj->chain, 1, base_idx, off, pnum, &pnum, &owner);
+    if (st < 0) {
+        return st;
+    }
+    if (st == BLOCK_DATA || st == BLOCK_COMPRESSED) {
+        pnum = MIN(pnum, (uint64_t)MERGE_CHUNK);
+    }
+    *advance = pnum;
+    ret = copy_status_run(mj->chain, 1, top, st, off, pnum, buf, written);
+    if (ret == 0 && *written) {
+        merge_crash_point("stream-copy");
+    }
+    return ret;
+}
+
+/* The engine's step: the run at off, where the active layer has nothing. */
+static int stream_step(void *opaque, uint64_t off, uint64_t end, void *buf,
                        uint64_t *advance, uint64_t *written)
 {
-    Chain *chain = s->chain;
-    ChainImage *top = s->top;
-    ChainRangeLock *lk = NULL;
-    uint64_t n = MIN((uint64_t)MERGE_CHUNK, s->size - off), pnum;
-    int base_idx, st, owner, ret = 0;
+    MergeJob *mj = &((StreamJob *)opaque)->common;
+    Chain *chain = mj->chain;
+    uint64_t n = MIN((uint64_t)MERGE_CHUNK, end - off), pnum;
+    ChainRangeLock *lk;
+    guint base_idx;
+    int st, ret = 0;
 
     *written = 0;
     *advance = n;
     chain_topo_rdlock(chain);
-    base_idx = stream_base_index(s);
-    if (chain_layer(chain, 0) != top || base_idx < 1) {
-        ret = -ESTALE;
-        goto out;
+    if (!stream_layers(mj, &base_idx)) {
+        chain_topo_unlock(chain);
+        return -ESTALE;
     }
-    st = top->drv->block_status(top, off, n, &pnum);
-    if (st < 0) {
-        ret = st;
-        goto out;
+    st = mj->top->drv->block_status(mj->top, off, n, &pnum);
+    if (st >= 0) {
+        *advance = pnum;
     }
-    *advance = pnum;
-    if (st != BLOCK_UNALLOCATED || base_idx == 1) {
-        goto out;
-    }
-    n = pnum;
-    lk = chain_range_lock(chain, off, n);
-    /* A guest write may have come first: look again under the lock. */
-    st = top->drv->block_status(top, off, n, &pnum);
-    if (st < 0) {
-        ret = st;
-        goto out;
-    }
-    *advance = pnum;
-    if (st != BLOCK_UNALLOCATED) {
-        goto out;
-    }
-    n = pnum;
-    st = chain_status_above(chain, 1, (guint)base_idx, off, n, &pnum, &owner);
-    if (st < 0) {
-        ret = st;
-        goto out;
-    }
-    *advance = pnum;
-    if (st == BLOCK_DATA || st == BLOCK_COMPRESSED) {
-        ret = chain_pread_from(chain, 1, off, buf, pnum);
-        if (ret == 0) {
-            ret = top->drv->pwrite(top, off, buf, pnum);
-        }
-        if (ret == 0) {
-            *written = pnum;
-            merge_crash_point("stream-copy");
-        }
-    } else if (st == BLOCK_ZERO) {
-        /* Zeros above base must hide what base holds. */
-        ret = top->drv->pwrite_zeroes(top, off, pnum, true);
-    }
-out:
-    if (lk) {
+    if (st == BLOCK_UNALLOCATED && base_idx > 1) {
+        lk = chain_range_lock(chain, off, pnum);
+        ret = stream_copy_locked(mj, base_idx, off, pnum, buf, advance,
+                                 written);
         chain_range_unlock(chain, lk);
+    } else if (st < 0) {
+        ret = st;
     }
     chain_topo_unlock(chain);
     return ret;
 }
 
-static void stream_checkpoint(StreamJob *s)
+static int stream_tick(void *opaque, uint64_t prefix)
 {
-    Checkpoint cp = {
-        .type = (char *)"stream", .top = s->top->name,
-        .base = s->base_name, .options = s->words, .layers = s->layers,
-    };
+    MergeJob *mj = &((StreamJob *)opaque)->common;
 
-    merge_save_checkpoint(s->chain, &cp, NULL);
+    job_set_progress(&mj->job, prefix, mj->size);
+    return 0;
 }
 
 static int stream_run(Job *job)
 {
     StreamJob *s = stream_job(job);
-    g_autofree void *buf = g_malloc(MERGE_CHUNK);
-    uint64_t off = 0;
+    MergeJob *mj = &s->common;
+    g_autofree char *what = g_strdup_printf("stream into %s", mj->top->name);
+    CopyParams p = {
+        .job = job, .step = stream_step, .tick = stream_tick, .opaque = s,
+        .start = 0, .end = mj->size, .policy = mj->on_error,
+        .what = what, .what_into = "", .dst = mj->top,
+        /* As QEMU's stream: go on, but end failed (below) so that the
+         * layers holding the skipped range stay in the chain. */
+        .skip_advances = true,
+    };
+    CopyResult r = { 0 };
+    int ret;
 
-    chain_topo_wrlock(s->chain);
-    merge_serialize_begin(s->chain, &s->serializing);
-    chain_topo_unlock(s->chain);
+    chain_topo_wrlock(mj->chain);
+    merge_serialize_begin(mj->chain, &s->serializing);
+    chain_topo_unlock(mj->chain);
 
-    job_set_progress(job, 0, s->size);
-    while (off < s->size) {
-        uint64_t advance, written;
-        int ret;
-
-        if (job_pause_point(job)) {
-            return -ECANCELED;
-        }
-        ret = stream_step(s, off, buf, &advance, &written);
-        if (ret < 0) {
-            g_autofree char *what = g_strdup_printf(
-                "stream into %s at offset %" G_GUINT64_FORMAT,
-                s->top->name, off);
-            int r;
-
-            switch (job_handle_error(job, s->opts.on_error, -ret, what, &r)) {
-            case JOB_ERROR_RETRY:
-                continue;
-            case JOB_ERROR_SKIP:
-                /* As QEMU's stream: go on, but end failed so that the
-                 * layers holding the skipped range stay in the chain. */
-                s->skipped_err = -ret;
-                off += advance;
-                continue;
-            case JOB_ERROR_FAIL:
-            default:
-                return r;
-            }
-        }
-        off += advance;
-        job_set_progress(job, off, s->size);
-        if (written) {
-            job_add_copied(job, written);
-            if (job_rate_limit(job, written)) {
-                return -ECANCELED;
-            }
-        }
+    job_set_progress(job, 0, mj->size);
+    ret = copy_run(&p, &r);
+    if (ret == 0 && r.skipped_err) {
+        return merge_job_fail(mj, -r.skipped_err, "stream into %s skipped "
+                              "ranges after errors (on-error=ignore), so the "
+                              "chain keeps its layers: %s", mj->top->name,
+                              g_strerror(r.skipped_err));
     }
-    if (s->skipped_err) {
-        job_set_error(job, s->skipped_err, "stream into %s skipped ranges "
-                      "after errors (on-error=ignore), so the chain keeps "
-                      "its layers: %s", s->top->name,
-                      g_strerror(s->skipped_err));
-        return -s->skipped_err;
-    }
-    return 0;
+    return ret;
 }
 
 static int stream_prepare(Job *job)
 {
     StreamJob *s = stream_job(job);
-    Chain *chain = s->chain;
+    MergeJob *mj = &s->common;
+    Chain *chain = mj->chain;
     const char *dir = image_set_dir(chain->set);
     g_autoptr(GError) err = NULL;
     g_autofree char *ref = NULL;
-    int base_idx, ret;
+    guint base_idx;
+    int ret;
 
-    ret = s->top->drv->flush(s->top);
+    ret = mj->top->drv->flush(mj->top);
     if (ret < 0) {
-        job_set_error(job, -ret, "cannot flush %s: %s", s->top->name,
-                      g_strerror(-ret));
-        return ret;
+        return merge_job_fail(mj, ret, "cannot flush %s: %s", mj->top->name,
+                              g_strerror(-ret));
     }
     merge_crash_point("stream-flushed");
     /* The guest goes on writing top: not into the copy's large folios. */
-    chain_image_drop_cache(s->top);
+    chain_image_drop_cache(mj->top);
     chain_topo_wrlock(chain);
-    base_idx = stream_base_index(s);
-    if (chain_layer(chain, 0) != s->top || base_idx < 1) {
+    if (!stream_layers(mj, &base_idx)) {
         chain_topo_unlock(chain);
-        job_set_error(job, ESTALE, "the layers of %s changed during the "
-                      "stream", chain->name);
-        return -ESTALE;
+        return merge_job_fail(mj, -ESTALE, "the layers of %s changed during "
+                              "the stream", chain->name);
     }
-    ref = s->base ? merge_backing_ref(s->top, s->base, true) : NULL;
-    if (!s->top->drv->set_backing(s->top, ref,
-                                  s->base ? s->base->drv->format_name : NULL,
-                                  &err)) {
+    ref = mj->base ? merge_backing_ref(mj->top, mj->base, true) : NULL;
+    if (!mj->top->drv->set_backing(mj->top, ref,
+                                   mj->base ? mj->base->drv->format_name
+                                            : NULL, &err)) {
         chain_topo_unlock(chain);
-        job_set_error(job, chainfs_error_errno(err),
-                      "cannot change the backing file of %s: %s",
-                      s->top->name, err->message);
-        return -chainfs_error_errno(err);
+        return merge_job_fail(mj, -chainfs_error_errno(err),
+                              "cannot change the backing file of %s: %s",
+                              mj->top->name, err->message);
     }
     merge_crash_point("stream-rewritten");
     if (base_idx > 1) {
-        chain_drop_layers(chain, 1, (guint)base_idx - 1);
+        chain_drop_layers(chain, 1, base_idx - 1);
     }
     merge_serialize_end(chain, &s->serializing);
-    if (!checkpoint_record_dropped(dir, chain->name, s->layers, NULL, &err)) {
+    if (!checkpoint_record_dropped(dir, chain->name, mj->layers, NULL,
+                                   &err)) {
         g_message("%s: cannot record the dropped layers: %s", chain->name,
                   err->message);
     } else {
         merge_crash_point("stream-recorded");
     }
     chain_topo_unlock(chain);
-    s->finished = true;
     g_message("%s: streamed %u layer%s into %s", chain->name,
-              g_strv_length(s->layers),
-              g_strv_length(s->layers) == 1 ? "" : "s", s->top->name);
+              g_strv_length(mj->layers),
+              g_strv_length(mj->layers) == 1 ? "" : "s", mj->top->name);
     return 0;
 }
 
 static void stream_abort(Job *job)
 {
     /* What was streamed stays valid in the active layer. */
-    merge_forget_unless_interrupted(job, stream_job(job)->chain);
+    merge_job_stopped(merge_job(job));
 }
 
 static void stream_clean(Job *job)
@@ -253,25 +214,20 @@ static void stream_clean(Job *job)
     StreamJob *s = stream_job(job);
 
     if (s->serializing) {
-        chain_topo_wrlock(s->chain);
-        merge_serialize_end(s->chain, &s->serializing);
-        chain_topo_unlock(s->chain);
+        chain_topo_wrlock(s->common.chain);
+        merge_serialize_end(s->common.chain, &s->serializing);
+        chain_topo_unlock(s->common.chain);
     }
 }
 
 static void stream_free(Job *job)
 {
-    StreamJob *s = stream_job(job);
-
-    stream_options_clear(&s->opts);
-    g_free(s->words);
-    g_free(s->base_name);
-    g_strfreev(s->layers);
-    g_free(s);
+    merge_job_free_common(merge_job(job));
 }
 
 static const JobDriver stream_job_driver = {
     .type = "stream",
+    .instance_size = sizeof(StreamJob),
     .run = stream_run,
     .prepare = stream_prepare,
     .abort = stream_abort,
@@ -279,59 +235,62 @@ static const JobDriver stream_job_driver = {
     .free = stream_free,
 };
 
-Job *stream_job_create(MergeContext *ctx, Chain *chain,
-                       const StreamOptions *opts, GError **error)
+/* top: the active layer; base: the named one, or none (the depth). */
+static bool stream_plan(Chain *chain, const void *opts, MergePlan *plan,
+                        GError **error)
 {
-    g_autofree char *id = NULL;
-    StreamJob *s = g_new0(StreamJob, 1);
-    int base_idx;
-    bool ok = true;
+    const StreamOptions *o = opts;
+    int base_idx = (int)chain_depth(chain);
 
-    s->ctx = ctx;
-    s->chain = chain;
-    s->opts = *opts;
-    s->opts.base = g_strdup(opts->base);
-    s->words = stream_options_format(opts);
-
-    chain_topo_rdlock(chain);
-    s->top = chain_layer(chain, 0);
-    s->size = s->top->virtual_size;
-    if (opts->base) {
-        base_idx = chain_find_layer(chain, opts->base);
+    memset(plan, 0, sizeof(*plan));
+    if (o->base) {
+        base_idx = chain_find_layer(chain, o->base);
         if (base_idx < 0) {
             chainfs_set_error(error, ENOENT, "no layer %s in chain %s",
-                              opts->base, chain->name);
-            ok = false;
-        } else if (base_idx == 0) {
-            chainfs_set_error(error, EINVAL,
-                              "base %s is the active layer of %s: nothing "
-                              "to stream", opts->base, chain->name);
-            ok = false;
-        } else {
-            s->base = chain_layer(chain, (guint)base_idx);
-            s->base_name = g_strdup(s->base->name);
+                              o->base, chain->name);
+            return false;
         }
-    } else {
-        base_idx = (int)chain_depth(chain);
+        if (base_idx == 0) {
+            chainfs_set_error(error, EINVAL, "base %s is the active layer of "
+                              "%s: nothing to stream", o->base, chain->name);
+            return false;
+        }
+        plan->base = chain_layer(chain, (guint)base_idx);
     }
-    if (ok) {
-        s->layers = commit_layer_names(chain, 1, (guint)base_idx - 1);
-        ok = merge_check_users(chain, s->layers, "streamed layer", error);
-    }
-    if (ok && (!s->top->writable || !s->top->drv->pwrite)) {
-        chainfs_set_error(error, EROFS, "%s is not writable",
-                          s->top->name);
-        ok = false;
-    }
-    chain_topo_unlock(chain);
-    if (!ok) {
-        stream_free(&(Job){ .opaque = s });
-        return NULL;
-    }
-    /* Before the command is acknowledged: a crash from now on resumes the
-     * stream at the next mount. */
-    stream_checkpoint(s);
-    id = merge_context_next_id(ctx, "stream");
-    return job_new(&stream_job_driver, id, s->top->name, s->base_name,
-                   opts->bandwidth, s);
+    plan->top = chain_layer(chain, 0);
+    plan->top_idx = 0;
+    plan->base_idx = (guint)base_idx;
+    plan->size = plan->top->virtual_size;
+    return true;
 }
+
+/* The streamed layers are dropped: nobody else may use them (no force). */
+static bool stream_check(Chain *chain, const void *opts,
+                         const MergePlan *plan, char **layers, GError **error)
+{
+    if (!merge_check_users(chain, layers, "streamed layer", false, error)) {
+        return false;
+    }
+    if (!plan->top->writable || !plan->top->drv->pwrite) {
+        chainfs_set_error(error, EROFS, "%s is not writable",
+                          plan->top->name);
+        return false;
+    }
+    return true;
+}
+
+static char *stream_words(MergeJob *mj, const void *opts)
+{
+    const StreamOptions *o = opts;
+
+    mj->on_error = o->on_error;
+    return stream_options_format(o);
+}
+
+const MergeJobKind stream_job_kind = {
+    .driver = &stream_job_driver,
+    .keeps_top = true,
+    .plan = stream_plan,
+    .check = stream_check,
+    .words = stream_words,
+};

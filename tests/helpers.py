@@ -384,6 +384,16 @@ def job_info(path):
     return json.loads(getxattr(path, "user.chainfs.job"))
 
 
+def job_stopped_on_error(path):
+    """The job's info once it has met an error and left running (failed,
+    paused...), else None.  The error is published as the copy meets it,
+    the state when the job thread has stopped the job: wait for both."""
+    info = job_info(path)
+    if info.get("error") and info.get("state") != "running":
+        return info
+    return None
+
+
 def chain_info(path):
     return json.loads(getxattr(path, "user.chainfs.chain"))
 

@@ -22,7 +22,7 @@ import zlib
 
 import pytest
 
-from helpers import (FaultInjector, MiB, chain_info, create_qcow2, job_info,
+from helpers import (job_stopped_on_error, FaultInjector, MiB, chain_info, create_qcow2, job_info,
                      mounted, qemu_img_check, qemu_img_compare, qemu_io,
                      setxattr_errno, wait_for)
 from test_merge_common import GuestThread, command, layer_files, start, wait_state
@@ -462,7 +462,7 @@ def test_enospc_at_each_step_of_a_job(tmp_path, job, step, policy):
                     info = wait_state(exp, ("failed", "completed"), timeout=120)
                     assert info["state"] == "failed" and "No space left" in info["error"], info
                 elif policy == "stop":
-                    info = wait_for(lambda: job_info(exp)["error"] and job_info(exp),
+                    info = wait_for(lambda: job_stopped_on_error(exp),
                                     timeout=60, what="the job to stop on the error")
                     assert info["state"] == "paused" and "No space left" in info["error"], info
                     start(exp, "job.resume")

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import (MiB, create_qcow2, fill_fs_leaving, fs_free_bytes, job_info,
+from helpers import (job_stopped_on_error, MiB, create_qcow2, fill_fs_leaving, fs_free_bytes, job_info,
                      loop_ext4, mounted, qemu_img_check, qemu_img_compare, qemu_io,
                      to_raw, wait_for)
 from test_merge_common import command, dir_hashes, layer_files, start, wait_state
@@ -109,7 +109,7 @@ def test_on_error_stop_pauses_then_resumes(tmp_path):
         with mounted_vm1(d, tmp_path) as exp:
             start(exp, "commit", "top=snap1.qcow2 bandwidth=2M on-error=stop")
             filler = fill_while_paused(exp, fs, d / "base.qcow2")
-            info = wait_for(lambda: job_info(exp)["error"] and job_info(exp),
+            info = wait_for(lambda: job_stopped_on_error(exp),
                             timeout=60, what="the job to hit the full disk")
             assert info["state"] == "paused", info
             assert_enospc_mid_copy(info)
@@ -199,7 +199,7 @@ def test_disk_fills_at_a_seeded_point_of_a_commit(tmp_path, seed):
                 info = job_info(exp)
                 assert info["state"] == "running" and info["offset"] < info["len"], info
             else:
-                info = wait_for(lambda: job_info(exp)["error"] and job_info(exp),
+                info = wait_for(lambda: job_stopped_on_error(exp),
                                 timeout=60, what="the job to hit the full disk")
                 assert_enospc_mid_copy(info)
                 assert info["state"] == ("failed" if policy == "report" else "paused"), info

@@ -4,7 +4,7 @@
 # UndefinedBehaviorSanitizer), runs the C unit tests and the pytest suites
 # against real FUSE mounts in both builds; then a ThreadSanitizer build
 # (clang) runs the unit tests and the concurrency tests of the daemon, and
-# a libFuzzer build (clang) runs each fuzz target for FUZZ_SECONDS (60)
+# a libFuzzer build (clang) runs each fuzz target for FUZZ_SECONDS (30)
 # over its seeds and kept regression inputs.  Exit 0 only if all pass.
 set -uo pipefail
 cd "$(dirname "$0")"
@@ -97,8 +97,8 @@ fi
 
 # Each fuzz target over its seeds (tests/fuzz/seeds, and qcow2 images
 # that make-seeds.sh makes) and, first, every kept regression input.
-echo "=== fuzzing: ${FUZZ_SECONDS:-60} s per target"
-if tests/fuzz/run-fuzz.sh build-fuzz "${FUZZ_SECONDS:-60}"; then
+echo "=== fuzzing: ${FUZZ_SECONDS:-30} s per target"
+if tests/fuzz/run-fuzz.sh build-fuzz "${FUZZ_SECONDS:-30}"; then
   passed=$((passed + 1))
 else
   failed=$((failed + 1)); fail=1

@@ -79,9 +79,18 @@ class DatagramSink:
         with self.lock:
             return list(self.received)
 
-    def close(self):
+    def drain(self):
+        """Everything the socket received, once the sender is gone: the
+        thread stops only when a receive times out, that is once the queue
+        is empty, so a datagram sent just before the daemon exited is not
+        missed (reading self.received at once could miss it)."""
         self.stopping = True
         self.thread.join(timeout=30)
+        assert not self.thread.is_alive(), "the socket reader did not stop"
+        return self.messages()
+
+    def close(self):
+        self.drain()
         self.sock.close()
 
 
@@ -99,7 +108,8 @@ def vm(image_dir):
 
 
 def journal_entries(sink):
-    return [dict(parse_journal_datagram(d)) for d in sink.messages()]
+    """The entries of a sink whose daemon has exited."""
+    return [dict(parse_journal_datagram(d)) for d in sink.drain()]
 
 
 def entry_with(entries, text):
@@ -173,7 +183,7 @@ def test_auto_is_stderr_otherwise(vm, image_dir, mountpoint, journal):
         assert os.path.exists(m.path("vm"))
     assert "vm: serving vm.qcow2, 3 layers" in m.read_log()
     assert "Message" in m.read_log()   # GLib's usual format, as before
-    assert journal.messages() == []
+    assert journal.drain() == []
 
 
 def test_journal_without_socket_falls_back(vm, image_dir, mountpoint, tmp_path):

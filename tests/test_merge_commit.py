@@ -151,24 +151,28 @@ def test_commit_refuses_shared_base(image_dir, mountpoint, tmp_path):
 
 
 def test_commit_cancel_resumes_from_checkpoint(image_dir, mountpoint, tmp_path):
-    # 24 MiB of data in snap1 so the commit takes a few seconds at 8 MiB/s.
+    # 32 MiB of data in snap1 at 2 MiB/s: the cancel is sent once 12 MiB
+    # are copied, which leaves the test ~10 s to send it before the commit
+    # could finish on its own, however slow the machine (a sanitizer build
+    # under load polls far more slowly than the 20 ms it asks for).
     create_qcow2(image_dir / "base.qcow2", SIZE)
     create_qcow2(image_dir / "snap1.qcow2", backing="base.qcow2")
     create_qcow2(image_dir / "vm1.qcow2", backing="snap1.qcow2")
-    qemu_io(image_dir / "snap1.qcow2", "write -P 7 0 24M")
+    qemu_io(image_dir / "snap1.qcow2", "write -P 7 0 32M")
     qemu_io(image_dir / "vm1.qcow2", "write -P 8 4M 1M")
     flat = to_raw(image_dir / "vm1.qcow2", tmp_path / "flat.raw")
     with mounted(image_dir, mountpoint) as m:
         exp = m.path("vm1")
-        start(exp, "commit", "top=snap1.qcow2 bandwidth=8M")
+        start(exp, "commit", "top=snap1.qcow2 bandwidth=2M")
         first = None
 
         def progressed():
             nonlocal first
             first = job_info(exp)
+            assert first["state"] == "running", first
             return first["offset"] >= 12 * MiB
         from helpers import wait_for
-        wait_for(progressed, timeout=30, what="half the commit")
+        wait_for(progressed, timeout=60, what="12 MiB of the commit")
         start(exp, "job.cancel")
         cancelled = wait_state(exp, ("cancelled",))
         assert cancelled["copied"] >= 12 * MiB
@@ -176,9 +180,11 @@ def test_commit_cancel_resumes_from_checkpoint(image_dir, mountpoint, tmp_path):
         start(exp, "commit", "top=snap1.qcow2")
         info = wait_state(exp, ("completed", "failed"))
         assert info["state"] == "completed", info
-        # Checkpoints come every second: at most ~1 s of copying again.
-        assert info["copied"] <= 24 * MiB - cancelled["copied"] + 9 * MiB, (cancelled, info)
-        assert info["copied"] + cancelled["copied"] < 24 * MiB + 9 * MiB
+        # Checkpoints come every second: at most ~1 s of copying (2 MiB)
+        # and the windows in flight are copied again.  Copying everything
+        # again would exceed both bounds, as cancelled["copied"] > 9 MiB.
+        assert info["copied"] <= 32 * MiB - cancelled["copied"] + 9 * MiB, (cancelled, info)
+        assert info["copied"] + cancelled["copied"] < 32 * MiB + 9 * MiB
         assert layer_files(exp) == ["vm1.qcow2", "base.qcow2"]
     qemu_img_check(image_dir / "base.qcow2")
     qemu_img_compare(image_dir / "vm1.qcow2", flat, fmt_b="raw")

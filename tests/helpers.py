@@ -245,7 +245,7 @@ class Mount:
             return is_mounted(self.mountpoint)
         wait_for(up, timeout=30, what="chainfs to mount %s" % self.mountpoint)
         if self.wait_export:
-            wait_for(lambda: os.path.exists(self.path(self.wait_export)), timeout=10,
+            wait_for(lambda: os.path.exists(self.path(self.wait_export)), timeout=30,
                      what="export %s" % self.wait_export)
         return self
 
@@ -282,7 +282,7 @@ class Mount:
                         wait_for(lambda: subprocess.run(
                             ["fusermount3", "-u", self.mountpoint],
                             capture_output=True).returncode == 0 or
-                            not is_mounted(self.mountpoint), timeout=10,
+                            not is_mounted(self.mountpoint), timeout=30,
                             what="unmount")
                     except AssertionError:
                         subprocess.run(["fusermount3", "-u", "-z", self.mountpoint],

@@ -350,7 +350,7 @@ CASES = [(j, s, p) for j in JOBS for s in ("copy", "sync") for p in ("report", "
 CASES += [("active", "mirror", p) for p in ("report", "stop", "ignore")]
 
 
-def job_words(job, policy, bandwidth="1M"):
+def job_words(job, policy, bandwidth="512K"):
     words = JOBS[job][1]
     return ("%s bandwidth=%s on-error=%s" % (words, bandwidth, policy)).strip()
 

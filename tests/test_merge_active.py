@@ -86,7 +86,7 @@ def test_active_commit_ready_with_guest_faster_than_bandwidth(image_dir, mountpo
     with mounted(image_dir, mountpoint) as m:
         exp = m.path("vm1")
         with Guest(exp, seed=121, size=size, max_len=64 * 1024) as guest:
-            guest.wait_writes(10)
+            guest.wait_writes(110)   # > 100 by ready, however soon it comes
             # 1 MiB/s: the guest writes far faster than that, all over the
             # disk; copying alone would never catch up with it.
             start(exp, "commit", "active bandwidth=1M")

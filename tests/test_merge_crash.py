@@ -17,7 +17,7 @@ from test_merge_common import layer_files, start, wait_state
 
 SIZE = 32 * MiB
 DATA = 16 * MiB
-SPEED = 8 * MiB
+SPEED = 2 * MiB   # a job of ~12 MiB takes ~5 s: room for kills mid-job
 
 
 def build(d, tmp_path):
@@ -113,7 +113,9 @@ def test_unmount_stops_job_and_next_mount_resumes(image_dir, mountpoint, tmp_pat
     flat = build(image_dir, tmp_path)
     with mounted(image_dir, mountpoint) as m:
         exp = m.path("vm1")
-        start(exp, "commit", "top=snap2.qcow2 bandwidth=%d" % SPEED)
+        # 1 MiB/s: the unmount must come while the job still copies, ~8 s
+        # after the 4 MiB the first windows copy at once.
+        start(exp, "commit", "top=snap2.qcow2 bandwidth=%d" % MiB)
         wait_for(lambda: job_info(exp)["copied"] >= 4 * MiB, timeout=30,
                  what="4 MiB copied")
     # Clean exit (checked by mounted), progress kept for the next mount.
@@ -121,7 +123,7 @@ def test_unmount_stops_job_and_next_mount_resumes(image_dir, mountpoint, tmp_pat
     assert "[job vm1]" in state and "cancelled=false" in state, state
     with mounted(image_dir, mountpoint) as m:
         exp = m.path("vm1")
-        info = wait_for(lambda: job_info(exp) or None, timeout=10, what="resumed job")
+        info = wait_for(lambda: job_info(exp) or None, timeout=30, what="resumed job")
         assert info["type"] == "commit" and info["top"] == "snap2.qcow2", info
         info = wait_state(exp, ("completed", "failed"))
         assert info["state"] == "completed", info

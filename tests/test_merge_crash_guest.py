@@ -580,7 +580,7 @@ def test_no_dropped_layer_served_after_crash(image_dir, mountpoint, kind, point)
 
 # ------------------------------------------------------------------ random kills
 
-SPEED = 8 * MiB
+SPEED = 2 * MiB   # ~7 s per job: seeded kills land mid-job
 DONE = ("completed", "failed", "cancelled")
 
 

@@ -97,8 +97,9 @@ fi
 
 # Each fuzz target over its seeds (tests/fuzz/seeds, and qcow2 images
 # that make-seeds.sh makes) and, first, every kept regression input.
-echo "=== fuzzing: ${FUZZ_SECONDS:-30} s per target"
-if tests/fuzz/run-fuzz.sh build-fuzz "${FUZZ_SECONDS:-30}"; then
+fuzz_seconds=${FUZZ_SECONDS:-30}
+echo "=== fuzzing: $fuzz_seconds s per target"
+if tests/fuzz/run-fuzz.sh build-fuzz "$fuzz_seconds"; then
   passed=$((passed + 1))
 else
   failed=$((failed + 1)); fail=1

@@ -350,7 +350,14 @@ CASES = [(j, s, p) for j in JOBS for s in ("copy", "sync") for p in ("report", "
 CASES += [("active", "mirror", p) for p in ("report", "stop", "ignore")]
 
 
-def job_words(job, policy, bandwidth="512K"):
+# How fast each case's job starts.  A copy fault must hit a copy write
+# before the last window (8 MiB at 512 KiB/s: ~14 s after the first
+# windows); a sync fault must be armed before the job's last flush.  A
+# mirror fault comes in ready, which the job need not be slow to reach.
+START_SPEED = {"copy": "512K", "sync": "512K", "mirror": "1M"}
+
+
+def job_words(job, policy, bandwidth):
     words = JOBS[job][1]
     return ("%s bandwidth=%s on-error=%s" % (words, bandwidth, policy)).strip()
 
@@ -429,7 +436,7 @@ def test_enospc_at_each_step_of_a_job(tmp_path, job, step, policy):
         before = read_export(exp)
         with FaultGuest(exp, seed=zlib.crc32(('%s-%s-%s' % (job, step, policy)).encode())) as guest:
             guest.wait_writes(8)
-            start(exp, verb, job_words(job, policy))
+            start(exp, verb, job_words(job, policy, START_SPEED[step]))
             if step == "mirror":
                 info = wait_state(exp, ("ready", "failed"), timeout=120)
                 assert info["state"] == "ready", info
@@ -438,6 +445,12 @@ def test_enospc_at_each_step_of_a_job(tmp_path, job, step, policy):
                 wait_for(lambda: job_info(exp)["offset"] > 0, timeout=60,
                          what="the copy to start")
             fi.arm("%s:%s:1:ENOSPC:1:%s" % (op, target, thread))
+            if step == "sync":
+                # Armed: the job's next flush of the target fails, and no
+                # job ends without one, so the rest of the copy may as
+                # well run at full speed.  (The slow start only had to
+                # keep the job from passing its last flush before this.)
+                setxattr_errno(exp, "user.chainfs.job.speed", "0")
             # The guest's writes reach base in ready: they are the mirror.
             fired = fi.wait_fired(path=target, timeout=120)
             info = job_info(exp)
@@ -501,6 +514,10 @@ def test_enospc_at_each_step_of_a_job(tmp_path, job, step, policy):
         if not completed:
             if job_info(exp).get("state") not in ("running", "ready"):
                 start(exp, verb, JOBS[job][1] or "on-error=report")
+            else:
+                # Resumed from its checkpoint, with the slow speed it was
+                # issued with: nothing here needs it slow.
+                setxattr_errno(exp, "user.chainfs.job.speed", "0")
             finish_job(exp, job)
         assert read_export(exp) == now
     flat = tmp_path / "flat.raw"

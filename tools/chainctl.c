@@ -318,6 +318,8 @@ static const struct {
       "Add FILE as a new qcow2 overlay and make it the active layer." },
     { "stream", "MOUNTPOINT/NAME | IMAGE",
       "Pull data from the backing layers up into the active layer." },
+    { "events", "[MOUNTPOINT[/NAME]]",
+      "Print job, snapshot and other events of a mount as they come." },
 };
 
 static void ctl_print_usage(FILE *out)
@@ -885,6 +887,34 @@ static int ctl_cmd_snapshot(int argc, char **argv)
              : ctl_offline_snapshot(argv[1], argv[2]);
 }
 
+/* ---- events -------------------------------------------------------- */
+
+static int ctl_cmd_events(int argc, char **argv)
+{
+    gboolean help = FALSE, json = FALSE;
+    GOptionEntry entries[] = {
+        { "json", 0, 0, G_OPTION_ARG_NONE, &json,
+          "Print each event as the daemon's JSON line", NULL },
+        { "help", 'h', 0, G_OPTION_ARG_NONE, &help, "Show this help", NULL },
+        { NULL },
+    };
+    g_autoptr(GOptionContext) ctx = ctl_context_new(
+        "events", "[MOUNTPOINT[/NAME]]",
+        "Print the events of a mount (MOUNTPOINT/.events) as they come, "
+        "only those of NAME when given,
+until interrupted.", NULL, entries);
+    int r = ctl_context_parse(ctx, &argc, &argv, &help);
+
+    if (r >= 0) {
+        return r;
+    }
+    if (argc > 2) {
+        return ctl_usage_error(ctx, "events takes at most one "
+                               "MOUNTPOINT[/NAME]");
+    }
+    return ctl_events(argc == 2 ? argv[1] : NULL, json);
+}
+
 int main(int argc, char **argv)
 {
     const char *cmd;
@@ -919,6 +949,9 @@ int main(int argc, char **argv)
     }
     if (strcmp(cmd, "stream") == 0) {
         return ctl_cmd_stream(argc - 1, argv + 1);
+    }
+    if (strcmp(cmd, "events") == 0) {
+        return ctl_cmd_events(argc - 1, argv + 1);
     }
     return ctl_usage_error(NULL, "unknown command \"%s\"", cmd);
 }

@@ -144,6 +144,13 @@ int ctl_online_stream(const char *path, const CtlStreamArgs *a);
 int ctl_online_job(const char *path, const CtlJobArgs *a);
 int ctl_online_snapshot(const char *path, const char *file);
 
+/* ---- chainctl-events.c: MOUNTPOINT/.events ------------------------ */
+
+/* Print the events of a mount (target: MOUNTPOINT, MOUNTPOINT/NAME for one
+ * export, NULL for the current directory) until interrupted or the daemon
+ * stops. */
+int ctl_events(const char *target, bool json);
+
 /* ---- chainctl-offline.c: image files ------------------------------- */
 
 int ctl_offline_info(const char *path, bool json);

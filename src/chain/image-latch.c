@@ -9,6 +9,16 @@
 
 #include "image.h"
 
+/* Set once at daemon start, before any image is written. */
+static ChainLatchHook latch_hook;
+static void *latch_hook_opaque;
+
+void chain_image_set_latch_hook(ChainLatchHook hook, void *opaque)
+{
+    latch_hook_opaque = opaque;
+    latch_hook = hook;
+}
+
 void chain_image_latch_io_error(ChainImage *img, const char *call, int err)
 {
     char *msg = g_strdup_printf("%s of %s failed: %s", call, img->name,
@@ -26,6 +36,9 @@ void chain_image_latch_io_error(ChainImage *img, const char *call, int err)
     g_warning("%s: %s failed: %s; latched: every flush of it fails and it "
               "takes no metadata writes until chainfs restarts", img->path,
               call, g_strerror(err));
+    if (latch_hook) {
+        latch_hook(img->name, msg, latch_hook_opaque);
+    }
 }
 
 bool chain_image_io_latched(ChainImage *img)

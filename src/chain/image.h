@@ -222,6 +222,16 @@ int chain_image_datasync(ChainImage *img);
 void chain_image_latch_io_error(ChainImage *img, const char *call, int err);
 bool chain_image_io_latched(ChainImage *img);
 const char *chain_image_io_error(ChainImage *img);
+/*
+ * Told of each image's latch (the first error only): the daemon's
+ * io-error event.  One process-wide hook, set once at start (NULL: none);
+ * called in the thread that latched, possibly with the image's meta_lock
+ * or its chain's topology lock held, so it must not block nor take a
+ * chain's lock.  file is the image's name in the image directory.
+ */
+typedef void (*ChainLatchHook)(const char *file, const char *message,
+                               void *opaque);
+void chain_image_set_latch_hook(ChainLatchHook hook, void *opaque);
 
 /*
  * Make img read-only for the rest of its life in this process, for reason

@@ -284,6 +284,9 @@ int main(int argc, char *argv[])
 
     status = daemon_serve(se, &opts);
     service_notify("STOPPING=1");
+    /* While the session can still reply: a reader blocked on .events gets
+     * end of file instead of a request that is never answered. */
+    event_bus_shutdown(d->events);
 
 out_unmount:
     fuse_session_unmount(se);

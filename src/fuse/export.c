@@ -13,6 +13,8 @@
 #include "chain-log.h"
 #include "directory.h"
 #include "export.h"
+#include "image.h"
+#include "json.h"
 
 static void export_free(Export *e)
 {
@@ -97,6 +99,29 @@ static Chain *export_open_chain(Daemon *d, DirChain *dc, bool writable,
     return chain;
 }
 
+/* libmerge's events (merge.h): job state changes, snapshot, pivot. */
+static void daemon_merge_event(const char *export_name, const char *event,
+                               const char *fields, void *opaque)
+{
+    event_bus_emit(opaque, export_name, event, fields);
+}
+
+/*
+ * A latched I/O error (image.h).  The hook runs where the flush failed,
+ * maybe under the topology lock of a chain, so the export is not looked
+ * up (that takes the chains' locks): the event names the image file, and
+ * its export is null.
+ */
+static void daemon_latch_event(const char *file, const char *message,
+                               void *opaque)
+{
+    g_autoptr(GString) fields = g_string_new(NULL);
+
+    json_append_member_string(fields, "file", file);
+    json_append_member_string(fields, "error", message);
+    event_bus_emit(opaque, NULL, "io-error", fields->str);
+}
+
 Daemon *daemon_new(const char *image_dir, bool writable, GError **error)
 {
     g_autoptr(GPtrArray) warnings = g_ptr_array_new_with_free_func(g_free);
@@ -107,6 +132,10 @@ Daemon *daemon_new(const char *image_dir, bool writable, GError **error)
     d->uid = getuid();
     d->gid = getgid();
     d->exports = g_ptr_array_new_with_free_func((GDestroyNotify)export_free);
+    /* Before any chain opens or job resumes: every event has a bus. */
+    d->events = event_bus_new();
+    merge_set_event_hook(daemon_merge_event, d->events);
+    chain_image_set_latch_hook(daemon_latch_event, d->events);
 
     d->set = image_set_new(image_dir, error);
     if (!d->set) {
@@ -127,6 +156,7 @@ Daemon *daemon_new(const char *image_dir, bool writable, GError **error)
         Chain *chain;
 
         if (strcmp(dc->export_name, CHAINFS_CONTROL_NAME) == 0 ||
+            strcmp(dc->export_name, CHAINFS_EVENTS_NAME) == 0 ||
             strchr(dc->export_name, '/') || dc->export_name[0] == '\0') {
             g_warning("chain %s left out: export name \"%s\" is not usable",
                       dc->top_file, dc->export_name);
@@ -196,6 +226,10 @@ bool daemon_free(Daemon *d)
     if (d->set) {
         image_set_free(d->set);
     }
+    /* Last: the jobs stopped above and the flushes may still emit. */
+    merge_set_event_hook(NULL, NULL);
+    chain_image_set_latch_hook(NULL, NULL);
+    event_bus_free(d->events);
     g_free(d);
     return ok;
 }

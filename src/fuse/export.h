@@ -8,7 +8,8 @@
  * snapshot or a pivot changes a chain's layers, never its export), so
  * lookups walk it without a lock.
  *
- * Inode numbers are fixed too: 1 the root, 2 the control file, and
+ * Inode numbers are fixed too: 1 the root, 2 the control file, 3 the
+ * event file (events.h), and
  * EXPORT_INO_BASE + i for exports[i].  The kernel's lookup counts need no
  * bookkeeping because nothing is ever freed while mounted.
  */
@@ -22,12 +23,15 @@
 #include <time.h>
 
 #include "chain.h"
+#include "events.h"
 #include "merge.h"
 
 #define CHAINFS_ROOT_INO 1
 #define CHAINFS_CONTROL_INO 2
+#define CHAINFS_EVENTS_INO 3
 #define CHAINFS_EXPORT_INO_BASE 16
 #define CHAINFS_CONTROL_NAME ".control"
+#define CHAINFS_EVENTS_NAME ".events"
 
 typedef struct Export {
     char *name;          /* export name (file name under the mount point) */
@@ -48,6 +52,8 @@ typedef struct Export {
 typedef struct Daemon {
     ImageSet *set;           /* owned */
     MergeContext *merge;     /* owned; freed before the chains */
+    EventBus *events;        /* owned; libmerge's and libchain's hooks
+                                emit into it while the daemon lives */
     GPtrArray *exports;      /* Export *, owned, sorted by name; fixed */
     struct timespec start_time; /* times of the root and control file */
     uid_t uid;               /* owner of every file */

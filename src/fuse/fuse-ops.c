@@ -18,6 +18,7 @@
 #include <fcntl.h>
 #include <linux/falloc.h>
 #include <linux/fuse.h>
+#include <poll.h>
 #include <string.h>
 #include <sys/statvfs.h>
 #include <unistd.h>
@@ -63,6 +64,14 @@ static void stat_control(Daemon *d, struct stat *st)
     st->st_atim = st->st_mtim = st->st_ctim = d->start_time;
 }
 
+/* The event file: read-only, a stream (events.h). */
+static void stat_events(Daemon *d, struct stat *st)
+{
+    stat_control(d, st);
+    st->st_ino = CHAINFS_EVENTS_INO;
+    st->st_mode = S_IFREG | 0444;
+}
+
 /* Attributes of any inode; FALSE when ino is unknown. */
 static bool stat_ino(Daemon *d, fuse_ino_t ino, struct stat *st)
 {
@@ -74,6 +83,10 @@ static bool stat_ino(Daemon *d, fuse_ino_t ino, struct stat *st)
     }
     if (ino == CHAINFS_CONTROL_INO) {
         stat_control(d, st);
+        return true;
+    }
+    if (ino == CHAINFS_EVENTS_INO) {
+        stat_events(d, st);
         return true;
     }
     e = daemon_export_by_ino(d, ino);
@@ -117,6 +130,8 @@ static void chainfs_lookup(fuse_req_t req, fuse_ino_t parent, const char *name)
     }
     if (strcmp(name, CHAINFS_CONTROL_NAME) == 0) {
         stat_control(d, &ep.attr);
+    } else if (strcmp(name, CHAINFS_EVENTS_NAME) == 0) {
+        stat_events(d, &ep.attr);
     } else if ((e = daemon_export_by_name(d, name))) {
         export_stat(d, e, &ep.attr);
     } else {
@@ -231,6 +246,17 @@ static void chainfs_open(fuse_req_t req, fuse_ino_t ino,
 {
     Daemon *d = req_daemon(req);
 
+    if (ino == CHAINFS_EVENTS_INO) {
+        /* A stream: no cache, no offsets; every open is a reader of its
+         * own that sees the events from now on. */
+        fi->direct_io = 1;
+        fi->keep_cache = 0;
+        fi->nonseekable = 1;
+        fi->fh = (uint64_t)(uintptr_t)event_reader_new(d->events);
+        fuse_reply_open(req, fi);
+        return;
+    }
+
     if (ino == CHAINFS_CONTROL_INO) {
         /* Replies are generated per open: never cache them, and let a
          * reader see them although the file's size is 0. */
@@ -271,6 +297,11 @@ static void chainfs_open(fuse_req_t req, fuse_ino_t ino,
 static void chainfs_release(fuse_req_t req, fuse_ino_t ino,
                             struct fuse_file_info *fi)
 {
+    if (ino == CHAINFS_EVENTS_INO) {
+        event_reader_free((EventReader *)(uintptr_t)fi->fh);
+        fuse_reply_err(req, 0);
+        return;
+    }
     if (ino == CHAINFS_CONTROL_INO) {
         ctl_handle_free((CtlHandle *)(uintptr_t)fi->fh);
     }
@@ -286,6 +317,12 @@ static void chainfs_read(fuse_req_t req, fuse_ino_t ino, size_t size,
     Export *e;
     int ret;
 
+    if (ino == CHAINFS_EVENTS_INO) {
+        /* fi->flags are the file's flags now: fcntl(F_SETFL) counts. */
+        event_reader_read((EventReader *)(uintptr_t)fi->fh, req, size,
+                          (fi->flags & O_NONBLOCK) != 0);
+        return;
+    }
     if (ino == CHAINFS_CONTROL_INO) {
         g_autoptr(GBytes) bytes =
             ctl_handle_read(d, (CtlHandle *)(uintptr_t)fi->fh, off, size);
@@ -394,6 +431,21 @@ static void chainfs_fsync(fuse_req_t req, fuse_ino_t ino, int datasync,
     fuse_reply_err(req, ret < 0 ? -ret : 0);
 }
 
+/* Only the event file waits for anything; the rest is always ready. */
+static void chainfs_poll(fuse_req_t req, fuse_ino_t ino,
+                         struct fuse_file_info *fi,
+                         struct fuse_pollhandle *ph)
+{
+    if (ino == CHAINFS_EVENTS_INO) {
+        event_reader_poll((EventReader *)(uintptr_t)fi->fh, req, ph);
+        return;
+    }
+    if (ph) {
+        fuse_pollhandle_destroy(ph);
+    }
+    fuse_reply_poll(req, POLLIN | POLLRDNORM | POLLOUT | POLLWRNORM);
+}
+
 static void chainfs_opendir(fuse_req_t req, fuse_ino_t ino,
                             struct fuse_file_info *fi)
 {
@@ -405,7 +457,8 @@ static void chainfs_opendir(fuse_req_t req, fuse_ino_t ino,
 }
 
 /*
- * The root lists ".", "..", the control file, then the exports; entry i
+ * The root lists ".", "..", the control file, the event file, then the
+ * exports; entry i
  * has directory offset i + 1, so a listing resumes wherever the kernel
  * stopped.
  */
@@ -415,7 +468,7 @@ static void chainfs_do_readdir(fuse_req_t req, fuse_ino_t ino, size_t size,
     Daemon *d = req_daemon(req);
     g_autofree char *buf = NULL;
     size_t used = 0;
-    uint64_t count = 3 + d->exports->len;
+    uint64_t count = 4 + d->exports->len;
 
     if (ino != CHAINFS_ROOT_INO) {
         fuse_reply_err(req, ENOTDIR);
@@ -437,8 +490,11 @@ static void chainfs_do_readdir(fuse_req_t req, fuse_ino_t ino, size_t size,
         } else if (i == 2) {
             name = CHAINFS_CONTROL_NAME;
             stat_control(d, &ep.attr);
+        } else if (i == 3) {
+            name = CHAINFS_EVENTS_NAME;
+            stat_events(d, &ep.attr);
         } else {
-            Export *e = g_ptr_array_index(d->exports, i - 3);
+            Export *e = g_ptr_array_index(d->exports, i - 4);
             name = e->name;
             export_stat(d, e, &ep.attr);
         }
@@ -781,4 +837,5 @@ const struct fuse_lowlevel_ops chainfs_ll_ops = {
     .removexattr = chainfs_removexattr,
     .fallocate = chainfs_fallocate,
     .lseek = chainfs_lseek,
+    .poll = chainfs_poll,
 };

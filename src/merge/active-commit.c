@@ -53,6 +53,7 @@
 #include <errno.h>
 #include <string.h>
 
+#include "json.h"
 #include "merge-int.h"
 
 /* Losing passes before mirroring synchronously. */
@@ -551,6 +552,13 @@ static int active_prepare(Job *job)
     chain_topo_unlock(chain);
     merge_crash_point("active-dropped");
     g_message("%s: pivoted to %s", chain->name, mj->base->name);
+    {
+        g_autoptr(GString) fields = g_string_new(NULL);
+
+        json_append_member_string(fields, "file", mj->base->name);
+        json_append_member_string(fields, "id", job->id);
+        merge_emit_event(chain->name, "pivot", fields->str);
+    }
     if (mj->delete_dropped) {
         merge_unlink_dropped(dir, mj->layers);
     }

@@ -111,11 +111,21 @@ bool job_verb_allowed(JobStatus s, JobVerb v)
            job_verb_table[v][s];
 }
 
+/* Set once at daemon start, before any job exists: read without a lock. */
+static JobTransitionHook job_transition_hook;
+
+void job_set_transition_hook(JobTransitionHook hook)
+{
+    job_transition_hook = hook;
+}
+
 /* Call with job->lock held.  An illegal move is a bug in this file: the
  * state would no longer say what the job does, so stop here (as QEMU's
  * job_state_transition asserts). */
 static void job_state_transition(Job *job, JobStatus t)
 {
+    JobStatus from = job->status;
+
     if (job->status == t) {
         return;
     }
@@ -125,6 +135,9 @@ static void job_state_transition(Job *job, JobStatus t)
     }
     job->status = t;
     g_cond_broadcast(&job->cond);
+    if (job_transition_hook) {
+        job_transition_hook(job, from, t);
+    }
 }
 
 /* Call with job->lock held. */
@@ -251,12 +264,13 @@ bool job_start(Job *job, GError **error)
     job->thread = g_thread_try_new(job->id, job_thread_main, job,
                                    &thread_err);
     if (!job->thread) {
-        /* Nothing ran: it ends through the table, with no callback. */
-        job_state_transition(job, JOB_STATUS_ABORTING);
-        job_state_transition(job, JOB_STATUS_FAILED);
+        /* Nothing ran: it ends through the table, with no callback (the
+         * error first, so that the job-failed event carries it). */
         job->err = EAGAIN;
         job->error = g_strdup_printf("cannot start the job thread: %s",
                                      thread_err->message);
+        job_state_transition(job, JOB_STATUS_ABORTING);
+        job_state_transition(job, JOB_STATUS_FAILED);
         job->finished = true;
         chainfs_set_error(error, EAGAIN, "%s", job->error);
         return false;

@@ -238,4 +238,14 @@ bool job_is_interrupted(Job *job);
 /* {"id","type","state",...}; newly allocated. */
 char *job_info_json(Job *job);
 
+/*
+ * Observe every state change (one process-wide hook; NULL: none).  Called
+ * with job->lock held, in whatever thread made the change (the job's, or a
+ * verb's), after the status changed: the hook may read the job's fields
+ * but must not call back into the job nor block (libmerge's event hook,
+ * merge-job.c, builds an event and hands it on).
+ */
+typedef void (*JobTransitionHook)(Job *job, JobStatus from, JobStatus to);
+void job_set_transition_hook(JobTransitionHook hook);
+
 #endif

@@ -9,7 +9,78 @@
 #include <errno.h>
 #include <string.h>
 
+#include "json.h"
 #include "merge-int.h"
+
+/* ---- events ----------------------------------------------------------- */
+
+/* Set once at daemon start, before any job exists: read without a lock. */
+static MergeEventHook merge_event_hook;
+static void *merge_event_opaque;
+
+void merge_emit_event(const char *export_name, const char *event,
+                      const char *fields)
+{
+    if (merge_event_hook) {
+        merge_event_hook(export_name, event, fields ? fields : "",
+                         merge_event_opaque);
+    }
+}
+
+/* The event a state change stands for, or NULL for the internal steps
+ * (PENDING, ABORTING) that design.md shows as running. */
+static const char *merge_job_event_name(JobStatus from, JobStatus to)
+{
+    switch (to) {
+    case JOB_STATUS_RUNNING:
+        return from == JOB_STATUS_CREATED ? "job-created" : "job-resumed";
+    case JOB_STATUS_READY:
+        return from == JOB_STATUS_STANDBY ? "job-resumed" : "job-ready";
+    case JOB_STATUS_PAUSED:
+    case JOB_STATUS_STANDBY:
+        return "job-paused";
+    case JOB_STATUS_COMPLETED:
+        return "job-completed";
+    case JOB_STATUS_FAILED:
+        return "job-failed";
+    case JOB_STATUS_CANCELLED:
+        return "job-cancelled";
+    default:
+        return NULL;
+    }
+}
+
+/* The job core's hook (job.h): called with job->lock held, so the fields
+ * are read as they are at the change.  Every job of the daemon is a
+ * MergeJob (merge_job_create is the one constructor). */
+static void merge_job_transition(Job *job, JobStatus from, JobStatus to)
+{
+    const char *event = merge_job_event_name(from, to);
+    MergeJob *mj = merge_job(job);
+    g_autoptr(GString) fields = NULL;
+
+    if (!event || !merge_event_hook) {
+        return;
+    }
+    fields = g_string_new(NULL);
+    json_append_member_string(fields, "job", job->driver->type);
+    json_append_member_string(fields, "id", job->id);
+    json_append_member_string(fields, "top", job->top);
+    json_append_member_string(fields, "base", job->base);
+    json_append_member_uint(fields, "offset", job->offset);
+    json_append_member_uint(fields, "len", job->len);
+    if (job->error) {
+        json_append_member_string(fields, "error", job->error);
+    }
+    merge_emit_event(mj->chain->name, event, fields->str);
+}
+
+void merge_set_event_hook(MergeEventHook hook, void *opaque)
+{
+    merge_event_opaque = opaque;
+    merge_event_hook = hook;
+    job_set_transition_hook(hook ? merge_job_transition : NULL);
+}
 
 /* What the constructor resolved, before there is a job to hold it. */
 typedef struct {

@@ -141,4 +141,22 @@ char *merge_job_info_json(Chain *chain);
 bool merge_resume_interrupted(MergeContext *ctx, Chain *chain,
                               GError **error);
 
+/*
+ * Events (design.md "Events"): what libmerge reports to whoever listens,
+ * without knowing who (the daemon's event bus, src/fuse/events.c).  One
+ * process-wide hook, set once before any job starts (NULL: none).  It is
+ * called in the thread that made the change, possibly with a job's lock
+ * held, so it must not block nor call back into libmerge.  export is the
+ * chain's export name, event one of "job-created", "job-ready",
+ * "job-paused", "job-resumed", "job-completed", "job-failed",
+ * "job-cancelled", "snapshot", "pivot"; fields the event's own JSON
+ * members without braces ("\"job\":\"commit\",\"offset\":0"), or "".
+ */
+typedef void (*MergeEventHook)(const char *export_name, const char *event,
+                               const char *fields, void *opaque);
+void merge_set_event_hook(MergeEventHook hook, void *opaque);
+/* Report an event through the hook (for libmerge's own files). */
+void merge_emit_event(const char *export_name, const char *event,
+                      const char *fields);
+
 #endif

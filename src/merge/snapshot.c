@@ -251,6 +251,15 @@ bool merge_snapshot(MergeContext *ctx, Chain *chain, const char *file,
         return false;
     }
     what = g_strdup_printf("snapshot %s", chain->name);
-    return merge_run_idle(ctx, chain, what, snapshot_idle, (void *)file,
-                          error);
+    if (!merge_run_idle(ctx, chain, what, snapshot_idle, (void *)file,
+                        error)) {
+        return false;
+    }
+    {
+        g_autoptr(GString) fields = g_string_new(NULL);
+
+        json_append_member_string(fields, "file", file);
+        merge_emit_event(chain->name, "snapshot", fields->str);
+    }
+    return true;
 }

@@ -901,8 +901,7 @@ static int ctl_cmd_events(int argc, char **argv)
     g_autoptr(GOptionContext) ctx = ctl_context_new(
         "events", "[MOUNTPOINT[/NAME]]",
         "Print the events of a mount (MOUNTPOINT/.events) as they come, "
-        "only those of NAME when given,
-until interrupted.", NULL, entries);
+        "only those of NAME when given,\nuntil interrupted.", NULL, entries);
     int r = ctl_context_parse(ctx, &argc, &argv, &help);
 
     if (r >= 0) {

@@ -247,6 +247,11 @@ static void chainfs_open(fuse_req_t req, fuse_ino_t ino,
     Daemon *d = req_daemon(req);
 
     if (ino == CHAINFS_EVENTS_INO) {
+        /* Nothing to write to it, root included (who passes the mode). */
+        if ((fi->flags & O_ACCMODE) != O_RDONLY) {
+            fuse_reply_err(req, EACCES);
+            return;
+        }
         /* A stream: no cache, no offsets; every open is a reader of its
          * own that sees the events from now on. */
         fi->direct_io = 1;

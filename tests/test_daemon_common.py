@@ -8,7 +8,7 @@ from helpers import (KiB, MiB, create_qcow2, file_sha256, qemu_img, qemu_io, run
 
 
 def export_names(mnt):
-    return sorted(n for n in os.listdir(str(mnt)) if n != ".control")
+    return sorted(n for n in os.listdir(str(mnt)) if n not in (".control", ".events"))
 
 
 def assert_export_equals_image(export_path, image, workdir, fmt=None):

@@ -15,7 +15,7 @@ def test_name_follows_chain_after_interrupted_snapshot(image_dir, mountpoint, tm
     qemu_io(image_dir / "s2.qcow2", "write -P 0x5a 1M 64k")
     expected = to_raw(image_dir / "s2.qcow2", tmp_path / "expected.raw")
     with mounted(image_dir, mountpoint) as m:
-        assert sorted(os.listdir(m.mountpoint)) == [".control", "vm1"]
+        assert sorted(os.listdir(m.mountpoint)) == [".control", ".events", "vm1"]
         info = chain_info(m.path("vm1"))
         assert [l["file"] for l in info["layers"]][:2] == ["s2.qcow2", "s1.qcow2"]
         assert file_sha256(m.path("vm1")) == file_sha256(expected)
@@ -29,4 +29,4 @@ def test_shared_layer_does_not_lend_its_name(image_dir, mountpoint):
     create_qcow2(image_dir / "a.qcow2", backing="s1.qcow2", backing_fmt="qcow2")
     create_qcow2(image_dir / "b.qcow2", backing="s1.qcow2", backing_fmt="qcow2")
     with mounted(image_dir, mountpoint) as m:
-        assert sorted(os.listdir(m.mountpoint)) == [".control", "a", "b"]
+        assert sorted(os.listdir(m.mountpoint)) == [".control", ".events", "a", "b"]

@@ -373,7 +373,7 @@ def test_bad_header_table_refuses_the_chain(case, image_dir, mountpoint):
     before = file_sha256(str(p))
     with mounted(image_dir, mountpoint) as m:
         m.allowed_log = ["left out"]
-        assert sorted(os.listdir(str(mountpoint))) == [".control", "good"]
+        assert sorted(os.listdir(str(mountpoint))) == [".control", ".events", "good"]
         lines = log_lines(m, "left out", str(p))
         assert len(lines) == 1, m.read_log()
         assert word.lower() in lines[0].lower(), lines

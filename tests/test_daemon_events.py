@@ -16,7 +16,7 @@ import threading
 
 import pytest
 
-from helpers import (CHAINCTL, MiB, create_qcow2, make_chain, mounted,
+from helpers import (CHAINCTL, FaultInjector, MiB, create_qcow2, make_chain, mounted,
                      qemu_img_check, wait_for)
 from test_merge_common import layer_files, start
 
@@ -376,3 +376,38 @@ def test_shutdown_answers_blocked_reader(image_dir, mountpoint):
                 proc.kill()
                 proc.wait()
             proc.stdout.close()
+
+
+def test_latched_flush_gives_io_error(tmp_path):
+    """A failed fdatasync (tests/faultinject.c) latches the image: one
+    io-error event names the file and the failed call."""
+    d = tmp_path / "images"
+    d.mkdir()
+    create_qcow2(d / "base.qcow2", SIZE)
+    create_qcow2(d / "vm1.qcow2", backing="base.qcow2", backing_fmt="qcow2")
+    fi = FaultInjector(tmp_path / "fi")
+    m = mounted(d, tmp_path / "mnt", env=fi.env())
+    m.allowed_log.extend(("latched", "flush failed", "flush at shutdown failed",
+                          "Input/output error"))
+    with m:
+        with Events(m.mountpoint) as ev:
+            fd = os.open(m.path("vm1"), os.O_RDWR)
+            try:
+                os.pwrite(fd, b"\x44" * 65536, 0)
+                fi.arm("fdatasync:vm1.qcow2:1:EIO")
+                with pytest.raises(OSError):
+                    os.fsync(fd)
+                fi.disarm()
+                with pytest.raises(OSError):
+                    os.fsync(fd)   # latched: no second event
+            finally:
+                os.close(fd)
+            e = ev.next()
+            assert e["event"] == "io-error", e
+            assert e["export"] is None
+            assert e["file"] == "vm1.qcow2"
+            assert "fdatasync" in e["error"] and "vm1.qcow2" in e["error"]
+            # The first latch only: nothing more was queued.
+            os.set_blocking(ev.fd, False)
+            assert ev.read_errno() == errno.EAGAIN
+        m.expect_clean = False   # its flush at shutdown fails, as it must

@@ -411,3 +411,28 @@ def test_latched_flush_gives_io_error(tmp_path):
             os.set_blocking(ev.fd, False)
             assert ev.read_errno() == errno.EAGAIN
         m.expect_clean = False   # its flush at shutdown fails, as it must
+
+
+def test_failed_commit_gives_job_failed_with_error(tmp_path):
+    """A commit whose base cannot be flushed (tests/faultinject.c) fails:
+    job-created, then job-failed carrying the job's error."""
+    d = tmp_path / "images"
+    d.mkdir()
+    names = chain3(d)
+    fi = FaultInjector(tmp_path / "fi", "fdatasync:%s:1:EIO:0" % names[0])
+    m = mounted(d, tmp_path / "mnt", env=fi.env())
+    m.allowed_log.extend(("latched", "flush failed", "flush at shutdown failed",
+                          "Input/output error", "failed", "checkpoint"))
+    with m:
+        exp = m.path("vm1")
+        with Events(m.mountpoint) as ev:
+            start(exp, "commit", "top=snap1.qcow2")
+            seen = ev.until("job-failed")
+        jobs = [e for e in seen if e["event"].startswith("job-")]
+        assert names_of(jobs) == ["job-created", "job-failed"], seen
+        assert jobs[1]["export"] == "vm1" and jobs[1]["job"] == "commit"
+        assert jobs[1]["error"], jobs[1]
+        assert jobs[1]["error"] == json.loads(
+            os.getxattr(exp, "user.chainfs.job"))["error"]
+        assert fi.fired("fdatasync", names[0])
+        m.expect_clean = False   # base's flush at shutdown fails, as it must

@@ -380,7 +380,7 @@ def test_shutdown_answers_blocked_reader(image_dir, mountpoint):
 
 def test_latched_flush_gives_io_error(tmp_path):
     """A failed fdatasync (tests/faultinject.c) latches the image: one
-    io-error event names the file and the failed call."""
+    io-error event names the export, the file and the failed call."""
     d = tmp_path / "images"
     d.mkdir()
     create_qcow2(d / "base.qcow2", SIZE)
@@ -404,7 +404,7 @@ def test_latched_flush_gives_io_error(tmp_path):
                 os.close(fd)
             e = ev.next()
             assert e["event"] == "io-error", e
-            assert e["export"] is None
+            assert e["export"] == "vm1"
             assert e["file"] == "vm1.qcow2"
             assert "fdatasync" in e["error"] and "vm1.qcow2" in e["error"]
             # The first latch only: nothing more was queued.

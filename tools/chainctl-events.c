@@ -4,7 +4,8 @@
  * Reads MOUNTPOINT/.events (design.md "Events") and prints each event as
  * it comes: one readable line by default, the daemon's JSON line with
  * --json.  Given an export, only its events are printed, with the
- * daemon-wide ones (export null: overflow, io-error) that may concern it.
+ * daemon-wide ones (export null: overflow, an io-error of an image that no
+ * export uses) that may concern it.
  * Runs until interrupted, or until the daemon stops (end of file: exit 0).
  * Each line is flushed at once, so that a pipe sees it when it happens.
  */

@@ -106,20 +106,62 @@ static void daemon_merge_event(const char *export_name, const char *event,
     event_bus_emit(opaque, export_name, event, fields);
 }
 
+/* A latched image, on its way to the io-error event. */
+typedef struct {
+    char *file;
+    char *message;
+} LatchReport;
+
+/*
+ * In the latch_reports pool's thread: one io-error event per export whose
+ * chain holds the image (a shared base may serve several), or one with
+ * export null when none does any more.  Finding them takes each chain's
+ * topology read lock, which the thread that latched may hold (for
+ * writing, too): hence this thread, which holds nothing else.
+ */
+static void daemon_report_latch(gpointer data, gpointer user_data)
+{
+    LatchReport *lr = data;
+    Daemon *d = user_data;
+    g_autoptr(GString) fields = g_string_new(NULL);
+    bool found = false;
+
+    json_append_member_string(fields, "file", lr->file);
+    json_append_member_string(fields, "error", lr->message);
+    for (guint i = 0; i < d->exports->len; i++) {
+        Export *e = g_ptr_array_index(d->exports, i);
+        int idx;
+
+        chain_topo_rdlock(e->chain);
+        idx = chain_find_layer(e->chain, lr->file);
+        chain_topo_unlock(e->chain);
+        if (idx >= 0) {
+            event_bus_emit(d->events, e->name, "io-error", fields->str);
+            found = true;
+        }
+    }
+    if (!found) {
+        event_bus_emit(d->events, NULL, "io-error", fields->str);
+    }
+    g_free(lr->file);
+    g_free(lr->message);
+    g_free(lr);
+}
+
 /*
  * A latched I/O error (image.h).  The hook runs where the flush failed,
- * maybe under the topology lock of a chain, so the export is not looked
- * up (that takes the chains' locks): the event names the image file, and
- * its export is null.
+ * maybe under a chain's topology lock: it only hands the report to the
+ * pool (which never blocks the caller; a report is rare, one per image).
  */
 static void daemon_latch_event(const char *file, const char *message,
                                void *opaque)
 {
-    g_autoptr(GString) fields = g_string_new(NULL);
+    Daemon *d = opaque;
+    LatchReport *lr = g_new0(LatchReport, 1);
 
-    json_append_member_string(fields, "file", file);
-    json_append_member_string(fields, "error", message);
-    event_bus_emit(opaque, NULL, "io-error", fields->str);
+    lr->file = g_strdup(file);
+    lr->message = g_strdup(message);
+    g_thread_pool_push(d->latch_reports, lr, NULL);
 }
 
 Daemon *daemon_new(const char *image_dir, bool writable, GError **error)
@@ -134,8 +176,12 @@ Daemon *daemon_new(const char *image_dir, bool writable, GError **error)
     d->exports = g_ptr_array_new_with_free_func((GDestroyNotify)export_free);
     /* Before any chain opens or job resumes: every event has a bus. */
     d->events = event_bus_new();
+    /* One thread at most, started when a report comes (never at all on a
+     * healthy disk); g_thread_pool_new cannot fail when not exclusive. */
+    d->latch_reports = g_thread_pool_new(daemon_report_latch, d, 1, FALSE,
+                                         NULL);
     merge_set_event_hook(daemon_merge_event, d->events);
-    chain_image_set_latch_hook(daemon_latch_event, d->events);
+    chain_image_set_latch_hook(daemon_latch_event, d);
 
     d->set = image_set_new(image_dir, error);
     if (!d->set) {
@@ -222,13 +268,19 @@ bool daemon_free(Daemon *d)
             ok = false;
         }
     }
+    /* The reports of latches (the flushes above may add some) look at
+     * the chains: before those go.  No image is written from here on. */
+    chain_image_set_latch_hook(NULL, NULL);
+    if (d->latch_reports) {
+        g_thread_pool_free(d->latch_reports, FALSE, TRUE);
+        d->latch_reports = NULL;
+    }
     g_ptr_array_free(d->exports, TRUE);
     if (d->set) {
         image_set_free(d->set);
     }
     /* Last: the jobs stopped above and the flushes may still emit. */
     merge_set_event_hook(NULL, NULL);
-    chain_image_set_latch_hook(NULL, NULL);
     event_bus_free(d->events);
     g_free(d);
     return ok;

@@ -113,22 +113,41 @@ typedef struct {
 } LatchReport;
 
 /*
- * In the latch_reports pool's thread: one io-error event per export whose
- * chain holds the image (a shared base may serve several), or one with
- * export null when none does any more.  Finding them takes each chain's
- * topology read lock, which the thread that latched may hold (for
- * writing, too): hence this thread, which holds nothing else.
+ * The thread that turns latch reports into io-error events.  Started at
+ * the first report (a healthy disk never needs it; one started before
+ * fuse_daemonize() would be lost in the fork), stopped by daemon_free.
  */
-static void daemon_report_latch(gpointer data, gpointer user_data)
+typedef struct LatchReports {
+    GMutex lock;          /* guards every field below */
+    GCond cond;
+    GQueue queue;         /* LatchReport *, oldest first */
+    GThread *thread;
+    bool stop;
+} LatchReports;
+
+static void latch_report_free(LatchReport *lr)
 {
-    LatchReport *lr = data;
-    Daemon *d = user_data;
+    g_free(lr->file);
+    g_free(lr->message);
+    g_free(lr);
+}
+
+/*
+ * One io-error event per export whose chain holds the image (a shared
+ * base may serve several), or one with export null when none does any
+ * more.  Finding them takes each chain's topology read lock, which the
+ * thread that latched may hold (for writing, too): hence the thread of
+ * its own, which holds nothing else when it takes one.
+ */
+static void daemon_report_latch(Daemon *d, LatchReport *lr,
+                                bool find_exports)
+{
     g_autoptr(GString) fields = g_string_new(NULL);
     bool found = false;
 
     json_append_member_string(fields, "file", lr->file);
     json_append_member_string(fields, "error", lr->message);
-    for (guint i = 0; i < d->exports->len; i++) {
+    for (guint i = 0; find_exports && i < d->exports->len; i++) {
         Export *e = g_ptr_array_index(d->exports, i);
         int idx;
 
@@ -143,25 +162,84 @@ static void daemon_report_latch(gpointer data, gpointer user_data)
     if (!found) {
         event_bus_emit(d->events, NULL, "io-error", fields->str);
     }
-    g_free(lr->file);
-    g_free(lr->message);
-    g_free(lr);
+}
+
+static gpointer latch_reports_main(gpointer opaque)
+{
+    Daemon *d = opaque;
+    LatchReports *lr = d->latch_reports;
+
+    g_mutex_lock(&lr->lock);
+    for (;;) {
+        LatchReport *r = g_queue_pop_head(&lr->queue);
+
+        if (r) {
+            g_mutex_unlock(&lr->lock);
+            daemon_report_latch(d, r, true);
+            latch_report_free(r);
+            g_mutex_lock(&lr->lock);
+        } else if (lr->stop) {
+            break;
+        } else {
+            g_cond_wait(&lr->cond, &lr->lock);
+        }
+    }
+    g_mutex_unlock(&lr->lock);
+    return NULL;
 }
 
 /*
  * A latched I/O error (image.h).  The hook runs where the flush failed,
- * maybe under a chain's topology lock: it only hands the report to the
- * pool (which never blocks the caller; a report is rare, one per image).
+ * maybe under a chain's topology lock: it only queues the report (a rare
+ * one, once per image) for the reporting thread.
  */
 static void daemon_latch_event(const char *file, const char *message,
                                void *opaque)
 {
     Daemon *d = opaque;
-    LatchReport *lr = g_new0(LatchReport, 1);
+    LatchReports *lr = d->latch_reports;
+    LatchReport *r = g_new0(LatchReport, 1);
 
-    lr->file = g_strdup(file);
-    lr->message = g_strdup(message);
-    g_thread_pool_push(d->latch_reports, lr, NULL);
+    r->file = g_strdup(file);
+    r->message = g_strdup(message);
+    g_mutex_lock(&lr->lock);
+    if (!lr->thread && !lr->stop) {
+        lr->thread = g_thread_try_new("latch-reports", latch_reports_main, d,
+                                      NULL);
+    }
+    if (lr->thread) {
+        g_queue_push_tail(&lr->queue, r);
+        g_cond_signal(&lr->cond);
+        r = NULL;
+    }
+    g_mutex_unlock(&lr->lock);
+    if (r) {
+        /* No thread: the event still goes out, without its export. */
+        daemon_report_latch(d, r, false);
+        latch_report_free(r);
+    }
+}
+
+/* Report what is queued, then end the thread. */
+static void latch_reports_free(LatchReports *lr)
+{
+    GThread *thread;
+
+    if (!lr) {
+        return;
+    }
+    g_mutex_lock(&lr->lock);
+    lr->stop = true;
+    thread = lr->thread;
+    g_cond_signal(&lr->cond);
+    g_mutex_unlock(&lr->lock);
+    if (thread) {
+        g_thread_join(thread);
+    }
+    g_queue_clear_full(&lr->queue, (GDestroyNotify)latch_report_free);
+    g_mutex_clear(&lr->lock);
+    g_cond_clear(&lr->cond);
+    g_free(lr);
 }
 
 Daemon *daemon_new(const char *image_dir, bool writable, GError **error)
@@ -176,10 +254,10 @@ Daemon *daemon_new(const char *image_dir, bool writable, GError **error)
     d->exports = g_ptr_array_new_with_free_func((GDestroyNotify)export_free);
     /* Before any chain opens or job resumes: every event has a bus. */
     d->events = event_bus_new();
-    /* One thread at most, started when a report comes (never at all on a
-     * healthy disk); g_thread_pool_new cannot fail when not exclusive. */
-    d->latch_reports = g_thread_pool_new(daemon_report_latch, d, 1, FALSE,
-                                         NULL);
+    d->latch_reports = g_new0(LatchReports, 1);
+    g_mutex_init(&d->latch_reports->lock);
+    g_cond_init(&d->latch_reports->cond);
+    g_queue_init(&d->latch_reports->queue);
     merge_set_event_hook(daemon_merge_event, d->events);
     chain_image_set_latch_hook(daemon_latch_event, d);
 
@@ -271,10 +349,8 @@ bool daemon_free(Daemon *d)
     /* The reports of latches (the flushes above may add some) look at
      * the chains: before those go.  No image is written from here on. */
     chain_image_set_latch_hook(NULL, NULL);
-    if (d->latch_reports) {
-        g_thread_pool_free(d->latch_reports, FALSE, TRUE);
-        d->latch_reports = NULL;
-    }
+    latch_reports_free(d->latch_reports);
+    d->latch_reports = NULL;
     g_ptr_array_free(d->exports, TRUE);
     if (d->set) {
         image_set_free(d->set);

@@ -54,8 +54,8 @@ typedef struct Daemon {
     MergeContext *merge;     /* owned; freed before the chains */
     EventBus *events;        /* owned; libmerge's and libchain's hooks
                                 emit into it while the daemon lives */
-    GThreadPool *latch_reports; /* owned: finds the exports of a latched
-                                image (export.c) */
+    struct LatchReports *latch_reports; /* owned: finds the exports of a
+                                latched image (export.c) */
     GPtrArray *exports;      /* Export *, owned, sorted by name; fixed */
     struct timespec start_time; /* times of the root and control file */
     uid_t uid;               /* owner of every file */

@@ -428,6 +428,12 @@ bool chain_image_reopen(ChainImage *img, bool writable, GError **error)
         return false;
     }
 
+    if (writable && img->drv->prepare_writable &&
+        !img->drv->prepare_writable(img, fd, error)) {
+        image_lock_apply(img->fd, img->path, false, NULL);
+        close(fd);
+        return false;
+    }
     if (dup3(fd, img->fd, O_CLOEXEC) < 0) {
         int err = errno;
 

@@ -203,23 +203,17 @@ static bool qcow2_check_features(ChainImage *img, BDRVQcow2State *s,
         return false;
     }
     /* Both bits leave the mapping (L1, L2) readable but the refcounts
-     * untrustworthy: like QEMU, read such an image, never write it.  (QEMU
-     * repairs a dirty image it opens read-write; we leave that to
-     * qemu-img check.) */
-    if (s->incompat & (QCOW2_INCOMPAT_CORRUPT | QCOW2_INCOMPAT_DIRTY)) {
-        g_autofree char *why = NULL;
+     * untrustworthy.  A corrupt image, like QEMU, is read, never written.
+     * A dirty one (lazy refcounts not written back) is read as it is and,
+     * before it is first written, has its refcounts rebuilt
+     * (qcow2-repair.c), as QEMU repairs a dirty image it opens
+     * read-write. */
+    if (s->incompat & QCOW2_INCOMPAT_CORRUPT) {
+        g_autofree char *why = g_strdup_printf(
+            "%s: qcow2 image is marked corrupt (corrupt bit set) and cannot "
+            "be written; repair it with 'qemu-img check -r all %s'",
+            img->path, img->path);
 
-        if (s->incompat & QCOW2_INCOMPAT_CORRUPT) {
-            why = g_strdup_printf("%s: qcow2 image is marked corrupt (corrupt "
-                                  "bit set) and cannot be written; repair it "
-                                  "with 'qemu-img check -r all %s'",
-                                  img->path, img->path);
-        } else {
-            why = g_strdup_printf("%s: qcow2 image is dirty (lazy refcounts "
-                                  "were not written back) and cannot be "
-                                  "written; run 'qemu-img check -r all %s' "
-                                  "first", img->path, img->path);
-        }
         if (img->writable) {
             chainfs_set_error(error, EOPNOTSUPP, "%s", why);
             return false;
@@ -488,6 +482,12 @@ static bool qcow2_open(ChainImage *img, GError **error)
     img->cluster_size = s->cluster_size;
     img->opaque = s;
     s->autoclear_pending = s->autoclear != 0;
+
+    if (img->writable && (s->incompat & QCOW2_INCOMPAT_DIRTY) &&
+        !qcow2_repair_refcounts(img, img->fd, error)) {
+        img->opaque = NULL;
+        goto fail;
+    }
 
     /*
      * Autoclear bits name extensions (bitmaps, raw external data) that we
@@ -1112,6 +1112,18 @@ nospace:
     return false;
 }
 
+/* A dirty image opened read-only gets its refcounts rebuilt before it is
+ * written (qcow2-repair.c). */
+static bool qcow2_prepare_writable(ChainImage *img, int fd, GError **error)
+{
+    BDRVQcow2State *s = img->opaque;
+
+    if (!(s->incompat & QCOW2_INCOMPAT_DIRTY)) {
+        return true;
+    }
+    return qcow2_repair_refcounts(img, fd, error);
+}
+
 const ImageDriver qcow2_driver = {
     .format_name = "qcow2",
     .probe = qcow2_probe,
@@ -1123,6 +1135,7 @@ const ImageDriver qcow2_driver = {
     .pwrite_zeroes = qcow2_pwrite_zeroes,
     .flush = qcow2_flush,
     .grow = qcow2_grow,
+    .prepare_writable = qcow2_prepare_writable,
     .set_backing = qcow2_set_backing,
     .allocated_bytes = qcow2_allocated_bytes,
 };

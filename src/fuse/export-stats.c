@@ -50,12 +50,16 @@ void export_stats_end(ExportStats *s, ExportOp op, uint64_t bytes, int err)
     } else if (moved && bytes) {
         atomic_fetch_add(moved, bytes);
     }
-    /* Last: a reader that sees in_flight 0 sees the counts above too. */
+    /* Last: a reader that loads in_flight first and sees it 0 sees the
+     * counts above too (export_stats_json). */
     atomic_fetch_sub(&s->in_flight, 1);
 }
 
 char *export_stats_json(ExportStats *s)
 {
+    /* First: when it is 0, every request that ended before this load has
+     * its counts in the loads below (export_stats_end's order). */
+    uint64_t in_flight = atomic_load(&s->in_flight);
     GString *out = g_string_new("{");
 
     json_append_member_uint(out, "reads", atomic_load(&s->reads));
@@ -68,7 +72,7 @@ char *export_stats_json(ExportStats *s)
     json_append_member_uint(out, "discarded_bytes",
                             atomic_load(&s->discarded_bytes));
     json_append_member_uint(out, "errors", atomic_load(&s->errors));
-    json_append_member_uint(out, "in_flight", atomic_load(&s->in_flight));
+    json_append_member_uint(out, "in_flight", in_flight);
     g_string_append_c(out, '}');
     return g_string_free(out, FALSE);
 }

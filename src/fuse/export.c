@@ -41,6 +41,7 @@ static Export *export_new(Daemon *d, Chain *chain, uint64_t ino)
     e->name = g_strdup(chain->name);
     e->chain = chain;
     e->ino = ino;
+    export_stats_init(&e->stats);
     g_mutex_init(&e->lock);
     e->mode = 0644;
     e->uid = d->uid;

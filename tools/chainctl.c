@@ -910,7 +910,7 @@ static int ctl_cmd_map(int argc, char **argv)
         "block for all of it\n(ASCII \" .:#\" outside a UTF-8 locale).\n"
         "Colour on a terminal unless TERM is dumb or NO_COLOR is set.\n"
         "Online the layer files are read force-shared, as on disk: writes "
-        "the daemon has not flushed may not show.\n", entries);
+        "the daemon has not flushed may not show.", entries);
     CtlMapArgs a = { 0 };
     int r = ctl_context_parse(ctx, &argc, &argv, &help);
 

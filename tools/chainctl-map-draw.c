@@ -181,6 +181,11 @@ bool ctl_map_draw(const CtlMapChain *m, const CtlMapStyle *style)
     name_cols = MIN(name_cols, MAX((size_t)MAP_MIN_NAME, style->width / 4));
     /* "NAME |picture| HOLDS COMMIT" */
     fixed = name_cols + 2 + 1 + 1 + MAP_SIZE_COLS + 1 + MAP_SIZE_COLS;
+    /* On a narrow line the name gives way first, down to "LAYER". */
+    while (style->width < fixed + MAP_MIN_PICTURE && name_cols > MAP_MIN_NAME) {
+        name_cols--;
+        fixed--;
+    }
     if (style->width < fixed + MAP_MIN_PICTURE) {
         ctl_fail("--width %u is too narrow: a line needs at least %zu "
                  "columns", style->width, fixed + MAP_MIN_PICTURE);

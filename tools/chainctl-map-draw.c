@@ -152,7 +152,9 @@ static void map_print_picture(const CtlMapLayer *l, uint64_t size,
             const char *want = g == 0 ? NULL : zero > data ? MAP_DIM : colour;
 
             if (want != current) {
-                fputs(MAP_RESET, stdout);
+                if (current) {
+                    fputs(MAP_RESET, stdout);
+                }
                 if (want) {
                     fputs(want, stdout);
                 }

@@ -289,3 +289,24 @@ def test_help():
     for o in ("--width", "--json", "HOLDS", "COMMIT"):
         assert o in out
     assert "\n  map " in ctl_ok("--help")
+
+
+def test_lower_layers_shorter_than_the_disk(chain):
+    """A grown active layer: the disk is its size; a lower layer's line is
+    blank past that layer's own end, and its extents stop there."""
+    top, files = chain
+    qemu_img("resize", "-q", top, str(2 * SIZE))
+    m = _map_json(top)
+    assert m["virtual_size"] == 2 * SIZE
+    base = m["layers"][2]
+    assert base["virtual_size"] == SIZE
+    assert _ranges(base) == [(0, SIZE, False)]
+    lines = _lines(ctl_ok("map", "--width", "80", top, env=_env(**UTF8)))
+    pic = _picture(lines[3])
+    cols = len(pic)
+    for c, glyph in enumerate(pic):
+        start, end = 2 * SIZE * c // cols, 2 * SIZE * (c + 1) // cols
+        if end <= SIZE:
+            assert glyph == FULL_UTF8, (c, pic)
+        elif start >= SIZE:
+            assert glyph == BLANK, (c, pic)

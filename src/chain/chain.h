@@ -67,6 +67,15 @@ struct Chain {
 ImageSet *image_set_new(const char *image_dir, GError **error);
 void image_set_free(ImageSet *set);
 const char *image_set_dir(ImageSet *set);
+/*
+ * From now on open the set's images read-only without any lock, as
+ * `qemu-img -U` (force-share) does: for a reader that tolerates another
+ * process writing the files meanwhile (chainctl map of a mounted chain,
+ * whose daemon holds the active layer's write lock).  What such a reader
+ * sees is the files as they are on disk at that moment.  Read-write opens
+ * still lock.
+ */
+void image_set_force_share(ImageSet *set);
 
 /*
  * Open the image named name (a file name in the image directory, or a path

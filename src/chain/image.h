@@ -149,6 +149,14 @@ struct ImageDriver {
     /* Make every completed write durable, metadata in crash-safe order. */
     int (*flush)(ChainImage *img);
 
+    /*
+     * Before an image opened read-only becomes writable (chain_image_reopen),
+     * with fd the new read-write descriptor of the file (img->fd is still
+     * the read-only one): make the file fit for writing (qcow2 rebuilds the
+     * refcounts of a dirty image).  NULL when there is nothing to do.
+     */
+    bool (*prepare_writable)(ChainImage *img, int fd, GError **error);
+
     /* Grow the virtual size (never shrinks).  Durable on return. */
     bool (*grow)(ChainImage *img, uint64_t new_size, GError **error);
 

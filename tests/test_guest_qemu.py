@@ -19,8 +19,8 @@ import tempfile
 
 import pytest
 
-from helpers import (CHAINCTL, MiB, chain_info, create_qcow2, create_raw,
-                     mounted, qemu_img, qemu_img_check, qemu_io, run, wait_for)
+from helpers import (CHAINCTL, MiB, chain_info, create_qcow2, create_raw, file_sha256,
+                     job_info, mounted, qemu_img, qemu_img_check, qemu_io, run, wait_for)
 
 QEMU = shutil.which("qemu-system-x86_64")
 pytestmark = pytest.mark.skipif(
@@ -270,17 +270,37 @@ def world_mountpoint():
         shutil.rmtree(d, ignore_errors=True)
 
 
+def disk_args(disk, bus):
+    """The disk's qemu options.  virtio and ide: -drive with the options of
+    <driver name='qemu' type='raw' cache='none' io='threads'/>.
+    "libvirt": the -blockdev pair and device that libvirt 9 (Debian 12)
+    generates for the README's <disk> element: a file node with O_DIRECT
+    (cache.direct), thread-pool AIO, auto-read-only and discard=unmap, a raw
+    format node over it, a virtio-blk device that boots."""
+    if bus == "libvirt":
+        storage = ('{"driver":"file","filename":"%s","aio":"threads",'
+                   '"node-name":"libvirt-1-storage","cache":{"direct":true,"no-flush":false},'
+                   '"auto-read-only":true,"discard":"unmap"}' % disk)
+        fmt = ('{"node-name":"libvirt-1-format","read-only":false,'
+               '"cache":{"direct":true,"no-flush":false},"driver":"raw",'
+               '"file":"libvirt-1-storage"}')
+        return ["-blockdev", storage, "-blockdev", fmt,
+                "-device", "virtio-blk-pci,drive=libvirt-1-format,id=virtio-disk0,"
+                "bootindex=1,write-cache=on"]
+    return ["-boot", "order=c",
+            "-drive", "file=%s,format=raw,if=%s,cache=none,aio=threads" % (disk, bus)]
+
+
 def qemu_cmd(disk, bus="virtio"):
-    """qemu-system-x86_64 as nobody, the disk as libvirt passes a file-backed
-    raw disk with cache='none' io='threads'."""
+    """qemu-system-x86_64 (TCG) as nobody, as libvirt's DAC driver runs it
+    as its qemu user, with the disk on `bus` (see disk_args)."""
     return ["setpriv", "--reuid=%d" % NOBODY_UID, "--regid=%d" % NOGROUP_GID,
             "--clear-groups", "--",
             QEMU, "-accel", "tcg", "-machine", "pc", "-m", "32",
             "-nodefaults", "-no-user-config", "-display", "none",
             "-serial", "none", "-monitor", "none", "-parallel", "none",
-            "-nic", "none", "-no-reboot", "-boot", "order=c",
-            "-device", "isa-debug-exit,iobase=0xf4,iosize=0x04",
-            "-drive", "file=%s,format=raw,if=%s,cache=none,aio=threads" % (disk, bus)]
+            "-nic", "none", "-no-reboot",
+            "-device", "isa-debug-exit,iobase=0xf4,iosize=0x04"] + disk_args(disk, bus)
 
 
 def start_guest(disk, bus="virtio"):
@@ -298,6 +318,24 @@ def finish_guest(proc, timeout=120):
         out, _ = proc.communicate()
         raise AssertionError("qemu did not exit in %d s:\n%s" % (timeout, out))
     return proc.returncode, out
+
+
+def assert_qemu_as_libvirt_runs_it(pid, export):
+    """The running qemu is user nobody, and holds the export open for
+    reading and writing with O_DIRECT (cache=none): the kernel's record of
+    it, not the command line, says so."""
+    with open("/proc/%d/status" % pid) as f:
+        ids = dict(l.split(":", 1) for l in f.read().splitlines() if ":" in l)
+    assert ids["Uid"].split()[:2] == [str(NOBODY_UID)] * 2, ids["Uid"]
+    fds = [fd for fd in os.listdir("/proc/%d/fd" % pid)
+           if os.readlink("/proc/%d/fd/%s" % (pid, fd)) == os.path.realpath(export)]
+    assert fds, "qemu has no descriptor of %s" % export
+    for fd in fds:
+        with open("/proc/%d/fdinfo/%s" % (pid, fd)) as f:
+            info = dict(l.split(":", 1) for l in f.read().splitlines() if ":" in l)
+        flags = int(info["flags"].strip(), 8)
+        assert flags & os.O_DIRECT, "fd %s flags %o: no O_DIRECT" % (fd, flags)
+        assert flags & os.O_ACCMODE == os.O_RDWR, "fd %s flags %o" % (fd, flags)
 
 
 def run_guest(disk, bus="virtio"):
@@ -353,7 +391,7 @@ PATTERN_LBA = 2048       # 1 MiB
 MARK_LBA = 4096          # 2 MiB
 
 
-@pytest.mark.parametrize("bus", ["virtio", "ide"])
+@pytest.mark.parametrize("bus", ["virtio", "ide", "libvirt"])
 def test_guest_reads_and_writes_the_export(image_dir, world_mountpoint, tmp_path, bus):
     """The guest, unprivileged, boots from the export, finds the pattern
     (half of it in the raw base, half written through the export into the
@@ -397,25 +435,101 @@ DONE_LBA = 8200
 LOOP_MAX_WRITES = 0xfff0
 
 
-def slot_headers(exp):
-    """The write count k of each slot as the export shows it now (0xffff
-    before the first write there: the slots start filled with 0xff)."""
-    data = read_at(exp, MARK_LBA * SECTOR, LOOP_SLOTS * PATTERN_SECTORS * SECTOR)
-    return [struct.unpack_from("<H", data, j * PATTERN_SECTORS * SECTOR)[0]
-            for j in range(LOOP_SLOTS)]
+class LoopingGuest:
+    """A guest that checks the pattern of `seed` at pattern_lba, then
+    writes slot after slot (LOOP_SLOTS slots from MARK_LBA) until the test
+    writes STOP_MAGIC to STOP_LBA.  Use as a context manager: it is killed
+    if the test fails before it stops."""
+
+    def __init__(self, export, seed, pattern_lba):
+        self.export = export
+        self.seed = seed
+        # Slots start as 0xff so that the first write to each is seen.
+        write_at(export, MARK_LBA * SECTOR, b"\xff" * (LOOP_SLOTS * PATTERN_SECTORS * SECTOR))
+        write_at(export, STOP_LBA * SECTOR, b"\0" * SECTOR)
+        write_at(export, 0, boot_sector(seed, pattern_lba, MARK_LBA, slots=LOOP_SLOTS,
+                                        max_writes=LOOP_MAX_WRITES,
+                                        stop_lba=STOP_LBA, done_lba=DONE_LBA))
+        self.proc = None
+        self.total = None
+
+    def __enter__(self):
+        self.proc = start_guest(self.export, "libvirt")
+        return self
+
+    def __exit__(self, *exc):
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        return False
+
+    def slot_headers(self):
+        """The write count k of each slot as the export shows it now
+        (0xffff where the guest has not written yet)."""
+        data = read_at(self.export, MARK_LBA * SECTOR,
+                       LOOP_SLOTS * PATTERN_SECTORS * SECTOR)
+        return [struct.unpack_from("<H", data, j * PATTERN_SECTORS * SECTOR)[0]
+                for j in range(LOOP_SLOTS)]
+
+    def writes(self):
+        """How many writes the guest has made, as far as the slots show."""
+        ks = [k for k in self.slot_headers() if k != 0xffff]
+        return max(ks) + 1 if ks else 0
+
+    def wait_writes(self, n, what):
+        def wrote():
+            if self.proc.poll() is not None:
+                raise AssertionError("guest exited %d early (%s):\n%s" % (
+                    self.proc.returncode, EXIT_MEANING.get(self.proc.returncode, "?"),
+                    self.proc.stdout.read()))
+            return self.writes() >= n
+        wait_for(wrote, timeout=120, what=what)
+
+    def stop(self):
+        """Ask the guest to stop, wait for it, return its number of writes."""
+        write_at(self.export, STOP_LBA * SECTOR, STOP_MAGIC + b"\0" * (SECTOR - 4))
+        rc, out = finish_guest(self.proc)
+        assert rc == (GUEST_OK << 1) | 1, "qemu exit %d (%s):\n%s" % (
+            rc, EXIT_MEANING.get(rc, "qemu itself failed"), out)
+        done = read_at(self.export, DONE_LBA * SECTOR, 6)
+        assert done[:4] == DONE_MAGIC, done
+        self.total = struct.unpack("<H", done[4:])[0]
+        return self.total
+
+    def expected_slots(self):
+        """Slot j holds the guest's last write to it: the largest k < total
+        with k % LOOP_SLOTS == j."""
+        expected = bytearray()
+        for j in range(LOOP_SLOTS):
+            k = j + ((self.total - 1 - j) // LOOP_SLOTS) * LOOP_SLOTS
+            expected += slot_data(self.seed, k)
+        return bytes(expected)
 
 
-def writes_seen(exp):
-    """How many writes the guest has made, as far as the slots show."""
-    ks = [k for k in slot_headers(exp) if k != 0xffff]
-    return max(ks) + 1 if ks else 0
+def save_export(export, path):
+    with open(export, "rb") as src, open(path, "wb") as dst:
+        shutil.copyfileobj(src, dst)
+
+
+def assert_base_holds(base, guest, served):
+    """The raw base holds the guest's last writes and is, whole, the disk
+    the guest saw (`served`, read through the export before the unmount)."""
+    expected = guest.expected_slots()
+    with open(base, "rb") as f:
+        f.seek(MARK_LBA * SECTOR)
+        assert f.read(len(expected)) == expected
+        f.seek(DONE_LBA * SECTOR)
+        assert f.read(6) == DONE_MAGIC + struct.pack("<H", guest.total)
+    qemu_img("compare", "-f", "raw", "-F", "raw", base, str(served))
 
 
 def test_guest_across_snapshot_and_active_commit(image_dir, world_mountpoint, tmp_path):
-    """libvirt's workflow with the guest running: start the guest, take a
-    live snapshot (its writes land in the new overlay), active-commit with
-    pivot while it keeps writing; the base ends with everything."""
+    """libvirt's workflow with the guest running: a guest run, a live
+    snapshot (the next run's writes land in the new overlay), then
+    `chainctl commit --active --pivot --wait` while the guest keeps
+    writing; the raw base ends with everything."""
     base, top = make_vm(image_dir)
+    snap = os.path.join(str(image_dir), "snap.qcow2")
     seed1, seed2 = 0x0101, 0xbeef
     block1 = pattern(seed1, PATTERN_SECTORS * SECTOR)
     block2 = pattern(seed2, PATTERN_SECTORS * SECTOR)
@@ -425,7 +539,7 @@ def test_guest_across_snapshot_and_active_commit(image_dir, world_mountpoint, tm
         write_at(exp, PATTERN_LBA * SECTOR, block1)
         write_at(exp, (PATTERN_LBA + PATTERN_SECTORS) * SECTOR, block2)
         give_to_nobody(exp)
-        run_guest(exp)
+        run_guest(exp, "libvirt")
         assert read_at(exp, MARK_LBA * SECTOR, PATTERN_SECTORS * SECTOR) == slot_data(seed1, 0)
 
         run([CHAINCTL, "snapshot", exp, "snap.qcow2"])
@@ -433,62 +547,59 @@ def test_guest_across_snapshot_and_active_commit(image_dir, world_mountpoint, tm
         # The export keeps its owner across the snapshot: nobody opens it again.
         st = os.stat(exp)
         assert (st.st_uid, st.st_gid) == (NOBODY_UID, NOGROUP_GID)
+        top_after_snapshot = file_sha256(top)
 
-        # The looping guest: reads block2, then writes slot after slot
-        # until the test writes STOP.  Slots start as 0xff so that the
-        # first write to each is seen.
-        write_at(exp, MARK_LBA * SECTOR, b"\xff" * (LOOP_SLOTS * PATTERN_SECTORS * SECTOR))
-        write_at(exp, STOP_LBA * SECTOR, b"\0" * SECTOR)
-        write_at(exp, 0, boot_sector(seed2, PATTERN_LBA + PATTERN_SECTORS, MARK_LBA,
-                                     slots=LOOP_SLOTS, max_writes=LOOP_MAX_WRITES,
-                                     stop_lba=STOP_LBA, done_lba=DONE_LBA))
-        guest = start_guest(exp)
-        try:
-            def guest_wrote(n):
-                if guest.poll() is not None:
-                    raise AssertionError("guest exited %d early:\n%s" % (
-                        guest.returncode, guest.stdout.read()))
-                return writes_seen(exp) >= n
-            wait_for(lambda: guest_wrote(1), timeout=120, what="the guest's first write")
+        with LoopingGuest(exp, seed2, PATTERN_LBA + PATTERN_SECTORS) as guest:
+            guest.wait_writes(1, "the guest's first write")
+            assert_qemu_as_libvirt_runs_it(guest.proc.pid, exp)
+            # The guest's writes land in the new overlay: the old active
+            # layer's file is as the snapshot left it.
+            guest.wait_writes(LOOP_SLOTS + 1, "a round of guest writes")
+            assert file_sha256(top) == top_after_snapshot
             res = run([CHAINCTL, "commit", exp, "--active", "--pivot", "--wait"],
                       timeout=300)
             assert "Successfully pivoted" in res.stdout, res.stdout
             assert layer_files(exp) == ["base.img"]
-            # The guest writes on, now into the base.
-            after_pivot = writes_seen(exp)
-            wait_for(lambda: guest_wrote(after_pivot + LOOP_SLOTS + 1), timeout=120,
-                     what="guest writes after the pivot")
-            write_at(exp, STOP_LBA * SECTOR, STOP_MAGIC + b"\0" * (SECTOR - 4))
-            rc, out = finish_guest(guest)
-        finally:
-            if guest.poll() is None:
-                guest.kill()
-                guest.wait()
-        assert rc == (GUEST_OK << 1) | 1, "qemu exit %d (%s):\n%s" % (
-            rc, EXIT_MEANING.get(rc, "qemu itself failed"), out)
-        done = read_at(exp, DONE_LBA * SECTOR, 6)
-        assert done[:4] == DONE_MAGIC
-        total = struct.unpack("<H", done[4:])[0]
+            # The guest writes on, now into the base, over every slot.
+            after_pivot = guest.writes()
+            guest.wait_writes(after_pivot + LOOP_SLOTS + 1, "guest writes after the pivot")
+            total = guest.stop()
         assert total > after_pivot + LOOP_SLOTS
         st = os.stat(exp)
         assert (st.st_uid, st.st_gid) == (NOBODY_UID, NOGROUP_GID)
-        served = tmp_path / "served.raw"
-        with open(exp, "rb") as src, open(served, "wb") as dst:
-            shutil.copyfileobj(src, dst)
-
-    # Slot j holds the guest's last write to it: the largest k < total with
-    # k % LOOP_SLOTS == j; all of it is in the raw base now.
-    expected = bytearray()
-    for j in range(LOOP_SLOTS):
-        k = j + ((total - 1 - j) // LOOP_SLOTS) * LOOP_SLOTS
-        expected += slot_data(seed2, k)
-    with open(base, "rb") as f:
-        f.seek(MARK_LBA * SECTOR)
-        assert f.read(len(expected)) == bytes(expected)
-        f.seek(DONE_LBA * SECTOR)
-        assert f.read(6) == done
-    # The whole disk the guest saw is the base now, and the dropped
-    # overlays are still sound qcow2 files.
-    qemu_img("compare", "-f", "raw", "-F", "raw", base, str(served))
+        save_export(exp, tmp_path / "served.raw")
+    assert_base_holds(base, guest, tmp_path / "served.raw")
+    # The dropped overlays are still sound qcow2 files.
     qemu_img_check(top)
-    qemu_img_check(os.path.join(str(image_dir), "snap.qcow2"))
+    qemu_img_check(snap)
+
+
+def test_guest_writes_through_ready_phase_then_pivot(image_dir, world_mountpoint, tmp_path):
+    """The guest writes while the active commit is in ready (its writes
+    reach the overlay and the base) and across the pivot: `commit --active
+    --wait` stops at ready, the test waits for a full round of guest writes
+    there, then `job --pivot`."""
+    base, top = make_vm(image_dir)
+    seed = 0x5a5a
+    block = pattern(seed, PATTERN_SECTORS * SECTOR)
+    with mounted(image_dir, world_mountpoint, "-o", "allow_other", wait_export="vm") as m:
+        exp = m.path("vm")
+        write_at(exp, PATTERN_LBA * SECTOR, block)
+        give_to_nobody(exp)
+        with LoopingGuest(exp, seed, PATTERN_LBA) as guest:
+            guest.wait_writes(1, "the guest's first write")
+            res = run([CHAINCTL, "commit", exp, "--active", "--wait"], timeout=300)
+            assert "synchronized phase" in res.stdout, res.stdout
+            assert job_info(exp)["state"] == "ready"
+            in_ready = guest.writes()
+            guest.wait_writes(in_ready + LOOP_SLOTS + 1, "guest writes in ready")
+            assert job_info(exp)["state"] == "ready"
+            res = run([CHAINCTL, "job", exp, "--pivot", "--wait"], timeout=300)
+            assert "pivoted" in res.stdout, res.stdout
+            assert layer_files(exp) == ["base.img"]
+            after_pivot = guest.writes()
+            guest.wait_writes(after_pivot + LOOP_SLOTS + 1, "guest writes after the pivot")
+            guest.stop()
+        save_export(exp, tmp_path / "served.raw")
+    assert_base_holds(base, guest, tmp_path / "served.raw")
+    qemu_img_check(top)

@@ -4,7 +4,8 @@ gives a file-backed raw disk (cache=none, i.e. O_DIRECT, and aio=threads),
 while chainfs serves the mount with allow_other, as a libvirt host runs it.
 
 There is no guest OS image on the machine and no network to fetch one, so
-the guest is a 512-byte boot sector assembled here by hand (GuestProgram).
+the guest is a 512-byte boot sector assembled here by hand (boot_sector,
+with the label resolution of Asm).
 SeaBIOS loads it at 0x7c00; it reads a pattern the test put on the disk
 with INT 13h AH=42h, checks every byte, writes marker sectors with AH=43h
 and leaves qemu through the isa-debug-exit port with a status that says

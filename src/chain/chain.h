@@ -15,6 +15,7 @@
 #define CHAINFS_CHAIN_H
 
 #include <pthread.h>
+#include <sys/types.h>
 
 #include "image.h"
 
@@ -99,6 +100,15 @@ void image_set_release(ImageSet *set, ChainImage *img);
  * chain using img held, or where no I/O can run.
  */
 bool chain_image_reopen(ChainImage *img, bool writable, GError **error);
+
+/*
+ * The owner and permission bits of img's file (image-owner.c): set them
+ * (uid, gid or mode (type)-1 to keep one), or give `to` those of `from`.
+ * Errors name the image (EPERM when the daemon may not chown).
+ */
+bool chain_image_set_owner(ChainImage *img, uid_t uid, gid_t gid,
+                           mode_t mode, GError **error);
+bool chain_image_copy_owner(ChainImage *from, ChainImage *to, GError **error);
 
 /* ---- chains -------------------------------------------------------- */
 

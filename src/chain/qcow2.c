@@ -491,23 +491,12 @@ static bool qcow2_open(ChainImage *img, GError **error)
 
     /*
      * Autoclear bits name extensions (bitmaps, raw external data) that we
-     * would not keep consistent while writing: clear them as the spec asks
-     * of an editor that does not know them.  Only now, after every refusal.
+     * would not keep consistent while writing: they are cleared, as the
+     * spec asks of an editor that does not know them, before the first
+     * write (qcow2_before_write), not here: an image opened read-write but
+     * never written (a mount with no guest write, a layer a job never
+     * touched) stays byte for byte as it was, its bitmaps valid for QEMU.
      */
-    if (img->writable && s->version >= 3 && s->autoclear) {
-        s->autoclear = 0;
-        s->autoclear_pending = 0;
-        ret = qcow2_write_header_field64(img, 88, 0);
-        if (ret == 0) {
-            ret = qcow2_datasync(img->fd);
-        }
-        if (ret < 0) {
-            img->opaque = NULL;
-            chainfs_set_error(error, -ret, "%s: cannot clear autoclear "
-                              "feature bits: %s", img->path, g_strerror(-ret));
-            goto fail;
-        }
-    }
     return true;
 
 fail:
@@ -716,6 +705,20 @@ static bool qcow2_may_write(ChainImage *img, GError **error)
     return true;
 }
 
+/* Before a control path changes what the image holds (grow): the autoclear
+ * bits go first, as before a guest write. */
+static bool qcow2_first_write(ChainImage *img, GError **error)
+{
+    int ret = qcow2_before_write(img);
+
+    if (ret < 0) {
+        chainfs_set_error(error, -ret, "%s: cannot clear autoclear feature "
+                          "bits: %s", img->path, g_strerror(-ret));
+        return false;
+    }
+    return true;
+}
+
 /*
  * Order: a larger L1 table is written and synced in fresh clusters before
  * the header switches to it (size, l1_size and l1_offset change together
@@ -739,7 +742,7 @@ static bool qcow2_grow(ChainImage *img, uint64_t new_size, GError **error)
     if (new_size == img->virtual_size) {
         return true;
     }
-    if (!qcow2_may_write(img, error)) {
+    if (!qcow2_may_write(img, error) || !qcow2_first_write(img, error)) {
         return false;
     }
     uint64_t l1_needed = (new_size + l2_span - 1) / l2_span;

@@ -47,6 +47,10 @@ static Export *export_new(Daemon *d, Chain *chain, uint64_t ino)
     e->uid = d->uid;
     e->gid = d->gid;
     if (stat(chain_layer(chain, 0)->path, &st) == 0) {
+        /* Owner and mode live in the active layer's file (image-owner.c). */
+        e->mode = st.st_mode & 07777;
+        e->uid = st.st_uid;
+        e->gid = st.st_gid;
         e->mtime = st.st_mtim;
         e->ctime = st.st_mtim;
         e->atime = st.st_atim;

@@ -155,10 +155,34 @@ static void chainfs_getattr(fuse_req_t req, fuse_ino_t ino,
 }
 
 /*
+ * chmod and chown of an export go to its active layer's file, where the
+ * next active layer (snapshot, pivot) and the next mount find them
+ * (image-owner.c).  Replies with the error itself when it fails.
+ */
+static bool export_set_owner(Export *e, const struct stat *attr, int to_set,
+                             fuse_req_t req)
+{
+    g_autoptr(GError) err = NULL;
+    bool ok;
+
+    chain_topo_rdlock(e->chain);
+    ok = chain_image_set_owner(
+        chain_layer(e->chain, 0),
+        (to_set & FUSE_SET_ATTR_UID) ? attr->st_uid : (uid_t)-1,
+        (to_set & FUSE_SET_ATTR_GID) ? attr->st_gid : (gid_t)-1,
+        (to_set & FUSE_SET_ATTR_MODE) ? attr->st_mode : (mode_t)-1, &err);
+    chain_topo_unlock(e->chain);
+    if (!ok) {
+        fuse_reply_err(req, chainfs_error_errno(err));
+    }
+    return ok;
+}
+
+/*
  * A disk file keeps its size: a size change is refused with EPERM (a
- * "change" to the current size is accepted).  Mode, owner and times are
- * kept in memory for the life of the mount, as a disk file would take
- * them.
+ * "change" to the current size is accepted).  Mode and owner go to the
+ * active layer (export_set_owner); times are kept in memory for the life
+ * of the mount, as a disk file would take them.
  */
 static void chainfs_setattr(fuse_req_t req, fuse_ino_t ino, struct stat *attr,
                             int to_set, struct fuse_file_info *fi)
@@ -182,6 +206,10 @@ static void chainfs_setattr(fuse_req_t req, fuse_ino_t ino, struct stat *attr,
         (uint64_t)attr->st_size != chain_size(e->chain)) {
         /* A read-only export refuses any size change as such. */
         fuse_reply_err(req, export_writable(e) ? EPERM : EROFS);
+        return;
+    }
+    if ((to_set & (FUSE_SET_ATTR_MODE | FUSE_SET_ATTR_UID |
+                   FUSE_SET_ATTR_GID)) && !export_set_owner(e, attr, to_set, req)) {
         return;
     }
     clock_gettime(CLOCK_REALTIME, &now);

@@ -531,7 +531,8 @@ def test_guest_across_snapshot_and_active_commit(image_dir, world_mountpoint, tm
     """libvirt's workflow with the guest running: a guest run, a live
     snapshot (the next run's writes land in the new overlay), then
     `chainctl commit --active --pivot --wait` while the guest keeps
-    writing; the raw base ends with everything."""
+    writing; the raw base ends with everything.  After a restart of
+    chainfs the guest user still owns the disk and boots from it."""
     base, top = make_vm(image_dir)
     snap = os.path.join(str(image_dir), "snap.qcow2")
     seed1, seed2 = 0x0101, 0xbeef
@@ -576,6 +577,18 @@ def test_guest_across_snapshot_and_active_commit(image_dir, world_mountpoint, tm
     # The dropped overlays are still sound qcow2 files.
     qemu_img_check(top)
     qemu_img_check(snap)
+
+    # The host restarts chainfs: the disk is still the guest user's, and
+    # the guest boots from it again as that user.
+    with mounted(image_dir, world_mountpoint, "-o", "allow_other", wait_export="vm") as m:
+        exp = m.path("vm")
+        st = os.stat(exp)
+        assert (st.st_uid, st.st_gid, st.st_mode & 0o777) == (NOBODY_UID, NOGROUP_GID, 0o600)
+        write_at(exp, 0, boot_sector(seed1, PATTERN_LBA, MARK_LBA))
+        run_guest(exp, "libvirt")
+    with open(base, "rb") as f:
+        f.seek(MARK_LBA * SECTOR)
+        assert f.read(PATTERN_SECTORS * SECTOR) == slot_data(seed1, 0)
 
 
 @needs_qemu

@@ -82,12 +82,13 @@ class Asm:
     def __init__(self):
         self.code = bytearray()
         self.labels = {}
-        self.fixups = []   # (position, label, kind): kind rel8 or abs16
+        self.fixups = []   # (position, label, kind): kind rel8, rel16 or abs16
 
     def emit(self, *parts):
         """Append instruction bytes; a str part is a label: an absolute
         16-bit address ('label'), an 8-bit jump displacement ('>label') or
-        a 16-bit one ('>>label')."""
+        a 16-bit one ('>>label', for the 0F 8x near Jcc of the 386 and
+        later, which real mode runs as well)."""
         for p in parts:
             if isinstance(p, str) and p.startswith(">>"):
                 self.fixups.append((len(self.code), p[2:], "rel16"))
@@ -427,6 +428,26 @@ def test_guest_reads_and_writes_the_export(image_dir, world_mountpoint, tmp_path
     # The marker is in the overlay only: the base holds zeros there.
     qemu_io(base, "read -P 0 %d %d" % (MARK_LBA * SECTOR, len(marker)), fmt="raw",
             extra=("-r",))
+
+
+@needs_qemu
+def test_guest_detects_a_wrong_pattern(image_dir, world_mountpoint):
+    """The guest's check is real: one flipped bit in the pattern and it
+    exits with GUEST_MISMATCH and writes nothing."""
+    make_vm(image_dir)
+    seed = 0x4321
+    block = bytearray(pattern(seed, PATTERN_SECTORS * SECTOR))
+    block[3 * SECTOR + 17] ^= 0x01
+    with mounted(image_dir, world_mountpoint, "-o", "allow_other", wait_export="vm") as m:
+        exp = m.path("vm")
+        write_at(exp, 0, boot_sector(seed, PATTERN_LBA, MARK_LBA))
+        write_at(exp, PATTERN_LBA * SECTOR, bytes(block))
+        give_to_nobody(exp)
+        rc, out = finish_guest(start_guest(exp, "libvirt"))
+        assert rc == (GUEST_MISMATCH << 1) | 1, "qemu exit %d (%s):\n%s" % (
+            rc, EXIT_MEANING.get(rc, "qemu itself failed"), out)
+        assert read_at(exp, MARK_LBA * SECTOR, PATTERN_SECTORS * SECTOR) == \
+            b"\0" * (PATTERN_SECTORS * SECTOR)
 
 
 LOOP_SLOTS = 64

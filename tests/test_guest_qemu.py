@@ -655,11 +655,6 @@ LIBVIRT_DAC_XATTRS = (("trusted.libvirt.security.dac", b"+0:+0"),
                       ("trusted.libvirt.security.ref_dac", b"1"))
 
 
-@pytest.mark.xfail(strict=False, reason=(
-    "chainfs_getxattr (src/fuse/fuse-ops.c) answers ENODATA for a name it "
-    "does not keep while chainfs_setxattr refuses it with ENOTSUP: libvirt "
-    "then fails to start a domain on the export with 'Unable to set XATTR "
-    "trusted.libvirt.security.dac ... Operation not supported'"))
 def test_libvirt_remember_owner_probe(image_dir, world_mountpoint):
     """libvirt's remember-owner sequence on the export either is skipped
     (the probe says there are no xattrs) or succeeds in full."""
@@ -671,8 +666,9 @@ def test_libvirt_remember_owner_probe(image_dir, world_mountpoint):
             probe = 0
         except OSError as e:
             probe = e.errno
+        # chainfs keeps no such attribute: the probe must say so.
+        assert probe in (errno.ENOTSUP, errno.ENOSYS), os.strerror(probe)
         if probe not in (errno.ENOTSUP, errno.ENOSYS):
-            assert probe in (0, errno.ENODATA), os.strerror(probe)
             for name, value in LIBVIRT_DAC_XATTRS:
                 os.setxattr(exp, name, value)
             # At the domain's stop libvirt reads the owner back to restore it.

@@ -21,9 +21,13 @@ if [ ! -f "$dir/build.ninja" ]; then
   else
     meson setup "$dir" -Dcrash_points=true >/dev/null
   fi
-elif ! meson configure "$dir" 2>/dev/null | grep -qE '^ *crash_points +true'; then
-  # A build directory configured before the option existed.
-  meson configure "$dir" -Dcrash_points=true >/dev/null
+else
+  # A build directory configured before the option existed, or without
+  # it: reconfigure (which also learns options added since).
+  opts=$(meson configure "$dir" 2>/dev/null || true)
+  if ! grep -qE '^ *crash_points +true' <<<"$opts"; then
+    meson setup --reconfigure "$dir" -Dcrash_points=true >/dev/null
+  fi
 fi
 if [ "${FUZZ:-0}" = 1 ]; then
   # Only the fuzz targets: the rest of that build is the ASan build again.

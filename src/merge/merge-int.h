@@ -235,6 +235,21 @@ bool commit_finish(Chain *chain, ChainImage *top, ChainImage *base,
                    GError **error);
 
 /*
+ * Make base ready to take the place of the layers from top down to it
+ * (commit.c), with the topology write lock held: base grows to size when
+ * smaller (the driver zeroes the new range where base's own backing chain
+ * holds data: qcow2_grow), and past top's end, which the layers above top
+ * read as zeros and would then read from base, base is zeroed where it
+ * shows data (up to the smallest size above top; to base's end when
+ * active, as base becomes the active layer at the pivot), then flushed.
+ * Why before the copy and why again on a resume: the comment at the
+ * definition.  FALSE with the message when it cannot.
+ */
+bool commit_prepare_base_locked(Chain *chain, ChainImage *top,
+                                ChainImage *base, uint64_t size, bool active,
+                                GError **error);
+
+/*
  * Crash points, a TEST HOOK (merge.c): with CHAINFS_CRASH_AT=NAME or
  * NAME:N in the environment, the process raise(SIGKILL)s itself the N-th
  * time (default the first) any thread reaches merge_crash_point(NAME), so

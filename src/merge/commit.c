@@ -288,9 +288,14 @@ bool commit_prepare_base_locked(Chain *chain, ChainImage *top,
                           chain->name);
         return false;
     }
-    if (base->virtual_size < size && !base->drv->grow(base, size, error)) {
-        g_prefix_error(error, "cannot grow %s: ", base->name);
-        return false;
+    if (base->virtual_size < size) {
+        if (!base->drv->grow(base, size, error)) {
+            g_prefix_error(error, "cannot grow %s: ", base->name);
+            return false;
+        }
+        /* Built for base's old size; the partial cluster at its old end
+         * may have moved into base. */
+        chain_map_invalidate(chain);
     }
     exposed_end = commit_exposed_end(chain, top_idx, active, base);
     if (exposed_end <= top_end) {

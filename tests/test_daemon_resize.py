@@ -10,18 +10,24 @@ image with the chain as it was (compare treats the extra range of the
 larger image as having to read zeros).
 """
 import errno
+import hashlib
 import os
+import shutil
 
 import pytest
 
-from helpers import (KiB, MiB, create_qcow2, create_raw, getxattr, mounted, qemu_img,
-                     qemu_img_compare, qemu_img_info, qemu_io, to_raw)
+import test_power_loss as pl
+from helpers import (KiB, MiB, Mount, create_qcow2, create_raw, getxattr, mounted,
+                     qemu_img, qemu_img_compare, qemu_img_info, qemu_io, to_raw)
+from powerloss import crash_points, write_state
 from test_chainctl_common import ctl, ctl_fails, ctl_ok
-from test_merge_common import start, wait_state
+from test_merge_common import layer_files, start, wait_state
 
 SMALL = 32 * MiB
 BIG = 64 * MiB
 LOWER_BYTE = 0xbb
+PL_SIZE = 4 * MiB     # the power-loss guest's disk (test_power_loss.SIZE)
+PL_BIG = 8 * MiB
 
 
 def qemu_img_check(image):
@@ -235,3 +241,82 @@ def test_chainctl_help_lists_resize():
     assert "\n  resize " in ctl_ok("--help")
     out = ctl_ok("resize", "--help")
     assert "chainctl resize" in out and "--shrink" in out
+
+
+# ------------------------------------------------------------- power loss
+
+class ResizeCase:
+    """A case for test_power_loss.record: vm.qcow2 (4 MiB, the size the
+    power-loss guest writes in) over an 8 MiB base full of 0xbb; the job
+    grows the export to 8 MiB between guest writes."""
+
+    def __init__(self, compat):
+        self.name = "resize-%s" % compat
+        self.compat = compat
+
+    def build(self, d):
+        create_qcow2(d / "base.qcow2", PL_BIG, compat=self.compat)
+        qemu_io(d / "base.qcow2", "write -P %d 0 %d" % (LOWER_BYTE, PL_BIG))
+        create_qcow2(d / "vm.qcow2", PL_SIZE, backing="base.qcow2", compat=self.compat)
+        qemu_io(d / "vm.qcow2", "write -P 0x11 64k 64k")
+
+    def job(self, exp, guest):
+        os.truncate(exp, PL_BIG)
+        assert os.path.getsize(exp) == PL_BIG
+        guest.round(8)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("compat", ["1.1", "0.10"])
+def test_power_loss_during_resize(image_dir, mountpoint, tmp_path, compat):
+    """Replay of every flush and write of a live resize under a guest
+    (tests/test_power_loss.py has the machinery): at each crash point the
+    images pass `qemu-img check`, and the export is 4 MiB or 8 MiB, reads
+    what the guest was acknowledged below 4 MiB, and zeros above, never
+    base's 0xbb."""
+    if not os.path.exists(pl.IORECORD):
+        pytest.skip("no %s" % pl.IORECORD)
+    assert pl.SIZE == PL_SIZE
+    case = ResizeCase(compat)
+    seed = int(hashlib.sha1(case.name.encode()).hexdigest()[:8], 16) + pl.SEED
+    work = tmp_path / "work"
+    work.mkdir()
+    rec, guest, initial = pl.record(case, image_dir, mountpoint, work, seed)
+    acks, issues = rec.markers("ACK"), rec.markers("ISSUE")
+    state_dir = str(image_dir)
+    seen, checked, sizes = set(), set(), set()
+    for k, state_seed in crash_points(rec, pl.STATES_PER_CASE, seed):
+        state = rec.crash_state(k, state_seed)
+        key = tuple(sorted((name, f.signature()) for name, f in state.items()))
+        acked, issued = pl.last_marker(acks, k), pl.last_marker(issues, k)
+        if (key, acked, issued) in seen:
+            continue
+        seen.add((key, acked, issued))
+        what = "%s: crash at record %d of %d (%r), seed %d" % (
+            case.name, k, len(rec.records), rec.records[k - 1], state_seed)
+        shutil.rmtree(state_dir, ignore_errors=True)
+        os.mkdir(state_dir)
+        write_state(state, state_dir)
+        pl.check_images(state_dir, state, checked, what)
+        m = Mount(state_dir, str(mountpoint))
+        m.expect_clean = False
+        with m:
+            exp = m.path(pl.EXPORT)
+            assert os.path.exists(exp), "%s: no export\n%s" % (what, m.read_log())
+            assert layer_files(exp) == ["vm.qcow2", "base.qcow2"], what
+            with open(exp, "rb") as f:
+                got = f.read()
+        log = m.read_log().lower()
+        assert "sanitizer" not in log and "runtime error" not in log, what
+        assert len(got) in (PL_SIZE, PL_BIG), "%s: size %d" % (what, len(got))
+        sizes.add(len(got))
+        assert got[PL_SIZE:] == bytes(len(got) - PL_SIZE), (
+            "%s: the grown range shows lower-layer data" % what)
+        disk, allowed = pl.expected_blocks(initial, guest.writes, acked, issued)
+        for b in range(PL_SIZE // pl.BLOCK):
+            blk = got[b * pl.BLOCK:(b + 1) * pl.BLOCK]
+            ok = (blk in allowed[b]) if b in allowed else (
+                blk == disk[b * pl.BLOCK:(b + 1) * pl.BLOCK])
+            assert ok, "%s: block %d reads %r..." % (what, b, blk[:8])
+    # The replay saw both sides of the resize (else it tested half of it).
+    assert sizes == {PL_SIZE, PL_BIG}, sizes

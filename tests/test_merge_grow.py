@@ -217,3 +217,25 @@ def test_offline_commit_of_shorter_middle_keeps_zeros(image_dir, tmp_path):
     for n in ("top.qcow2", base):
         qemu_img_check(image_dir / n)
     assert_reads_like(to_raw(image_dir / "top.qcow2", tmp_path / "after.raw"), before)
+
+
+# ------------------------------------------- a base with a persistent bitmap
+
+def test_grown_base_with_bitmap_stays_openable(image_dir, tmp_path):
+    """base.qcow2 (20 GiB) with a persistent bitmap under an empty 40 GiB
+    top: after the commit grew base, its bitmap table no longer fits the
+    size, and QEMU refused base outright ("doesn't satisfy the
+    constraints").  The grow clears the bitmaps' autoclear bit first, as
+    any write of chainfs does, so QEMU opens base and only ignores the
+    stale bitmap (keeping bitmaps in step is issue 11's bitmap work)."""
+    create_qcow2(image_dir / "base.qcow2", 20 * 1024 * MiB)
+    qemu_img("bitmap", "--add", image_dir / "base.qcow2", "b0")
+    create_qcow2(image_dir / "top.qcow2", 40 * 1024 * MiB, backing="base.qcow2")
+    qemu_io(image_dir / "top.qcow2", "write -P 0x21 1M 64k")
+    ctl_ok("commit", image_dir / "top.qcow2")
+    res = qemu_img("info", "--output=json", image_dir / "base.qcow2", check=False)
+    assert res.returncode == 0, res.stderr
+    assert qemu_img_info(image_dir / "base.qcow2")["virtual-size"] == 40 * 1024 * MiB
+    res = qemu_img("check", image_dir / "base.qcow2", check=False)
+    assert res.returncode in (0, 3), res.stdout + res.stderr   # 3: leaks only
+    qemu_io(image_dir / "top.qcow2", "read -P 0x21 1M 64k", "read -P 0 2M 64k")

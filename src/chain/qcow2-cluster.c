@@ -819,7 +819,7 @@ retry:
  * read-write (chain_image_reopen keeps the driver state) may still carry
  * autoclear bits, which name extensions we would not keep consistent.
  */
-static int qcow2_before_write(ChainImage *img)
+int qcow2_before_write(ChainImage *img)
 {
     BDRVQcow2State *s = img->opaque;
     int ret = 0;

@@ -253,6 +253,11 @@ char *qcow2_entry_fault(BDRVQcow2State *s, uint64_t l2e);
  * (cluster_size bytes).  No lock needed.  0 or negative errno. */
 int qcow2_read_compressed(ChainImage *img, uint64_t l2e, uint8_t *out);
 
+/* Before a change of the image (a write, a grow): refuses a read-only
+ * image (EROFS), and clears the autoclear bits, durably, the first time
+ * (extensions they name, such as bitmaps, are not kept in step; QEMU then
+ * ignores them).  Takes meta_lock.  0 or negative errno. */
+int qcow2_before_write(ChainImage *img);
 int qcow2_co_pwrite(ChainImage *img, uint64_t offset, const void *buf,
                     uint64_t bytes);
 int qcow2_co_pwrite_zeroes(ChainImage *img, uint64_t offset, uint64_t bytes,

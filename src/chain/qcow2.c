@@ -831,6 +831,16 @@ static bool qcow2_grow(ChainImage *img, uint64_t new_size, GError **error)
         return false;
     }
 
+    /* A bitmap table sized for the old size makes QEMU refuse the image
+     * ("doesn't satisfy the constraints"); with the autoclear bit clear,
+     * as after any write of ours, QEMU only ignores the stale bitmaps. */
+    ret = qcow2_before_write(img);
+    if (ret < 0) {
+        chainfs_set_error(error, -ret, "%s: cannot clear the autoclear "
+                          "feature bits: %s", img->path, g_strerror(-ret));
+        return false;
+    }
+
     /* Step 1. */
     g_mutex_lock(&img->meta_lock);
     ret = l1_needed > s->l1_size ? qcow2_grow_l1(img, l1_needed) : 0;

@@ -14,7 +14,7 @@ import struct
 import pytest
 
 from test_chain_common import (HDR_CLUSTER_BITS, HDR_CRYPT_METHOD, HDR_INCOMPAT,
-                               HDR_MAGIC, HDR_VERSION, INCOMPAT_CORRUPT, INCOMPAT_DIRTY,
+                               HDR_MAGIC, HDR_VERSION, INCOMPAT_CORRUPT,
                                MiB, create_qcow2, create_raw, dir_hashes, file_sha256, fill, qcow2_field,
                                qcow2_patch, qemu_img, tool)
 
@@ -130,13 +130,6 @@ def case_zstd(d):
     return "z.qcow2", "z.qcow2", ["zstd", "compression"], UNSUPPORTED
 
 
-def case_dirty(d):
-    name = _plain(d, extra_opts=["lazy_refcounts=on"])
-    qcow2_patch(str(d / name), HDR_INCOMPAT, "Q", INCOMPAT_DIRTY)
-    return name, name, ["dirty"], {"EOPNOTSUPP", "ENOTSUP", "EIO", "EINVAL", "EROFS",
-                                   "EUCLEAN", "EBUSY"}
-
-
 def case_bad_magic_backing(d):
     top, base = _over_base(d, lambda p: qcow2_patch(p, HDR_MAGIC, "I", 0x51464900))
     return top, base, ["magic", "format", "qcow2"], {"EINVAL"}
@@ -235,7 +228,6 @@ CASES = {
     "corrupt-bit": case_corrupt,
     "extended-l2": case_extended_l2,
     "zstd": case_zstd,
-    "dirty-bit": case_dirty,
     "bad-magic-backing": case_bad_magic_backing,
     "bad-version-4": case_bad_version,
     "bad-version-1": case_version_1,
@@ -252,7 +244,7 @@ CASES = {
 }
 
 # Refused when opened read-write only: QEMU itself reads such images.
-RW_ONLY = {"dirty-bit", "corrupt-bit"}
+RW_ONLY = {"corrupt-bit"}  # a dirty one is repaired: test_dirty_repair.py
 
 
 def _all_hashes(d):

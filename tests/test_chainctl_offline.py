@@ -16,7 +16,7 @@ from helpers import (CHAINCTL, file_sha256, mounted, qemu_img, qemu_img_check,
                      qemu_img_compare, qemu_img_info)
 from test_chainctl_common import *  # noqa: F401,F403
 
-COMMANDS = ["info", "commit", "job", "snapshot", "stream"]
+COMMANDS = ["info", "commit", "job", "snapshot", "stream", "map"]
 
 
 # ---------------------------------------------------------------- usage

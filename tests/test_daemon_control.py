@@ -35,7 +35,9 @@ def test_read_attributes(vm, image_dir, mountpoint):
         for a in ("user.chainfs.chain", "user.chainfs.job", "user.chainfs.last_error"):
             assert a in names
         info = chain_info(exp)
-        assert info == {"name": "vm", "writable": True, "layers": info["layers"]}
+        assert info == {"name": "vm", "writable": True,
+                        "image_dir": os.path.realpath(str(image_dir)),
+                        "layers": info["layers"]}
         files = [layer["file"] for layer in info["layers"]]
         assert files == ["vm.qcow2", "base.qcow2"]
         top = info["layers"][0]

@@ -436,18 +436,8 @@ def test_corrupt_flag_top_is_served_read_only(image_dir, mountpoint):
     assert out.startswith("read-only: ") and "corrupt" in out, out
 
 
-def test_dirty_top_is_served_read_only(image_dir, mountpoint):
-    p = image_dir / NAME
-    create_qcow2(p, SIZE, cluster_size=CS, extra_opts=["lazy_refcounts=on"])
-    qemu_io(p, "write -P 0x11 0 1M")
-    r = run(["qemu-io", "-f", "qcow2", "-c", "write -P 0x11 1M 64k", "-c", "abort", str(p)],
-            check=False)
-    assert r.returncode != 0
-    before = file_sha256(str(p))
-    with mounted(image_dir, mountpoint) as m:
-        m.allowed_log = ["served read-only"]
-        assert_read_only_export(m.path(EXPORT), [NAME, "dirty"])
-    assert file_sha256(str(p)) == before
+# A dirty top (lazy refcounts) is repaired, not served read-only:
+# tests/test_dirty_repair.py.
 
 
 def test_immutable_file_is_served_read_only(image_dir, mountpoint):

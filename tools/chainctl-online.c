@@ -135,6 +135,9 @@ typedef struct {
     uint64_t offset;
     uint64_t len;
     uint64_t speed;
+    uint64_t rate;  /* bytes written per second lately; 0 from old daemons */
+    bool has_eta;   /* the daemon knows the time left */
+    uint64_t eta;   /* seconds */
 } CtlJob;
 
 static void ctl_job_clear(CtlJob *j)
@@ -168,6 +171,9 @@ static bool ctl_job_read(const char *path, CtlJob *j)
     json_get_uint(j->json, "offset", &j->offset);
     json_get_uint(j->json, "len", &j->len);
     json_get_uint(j->json, "speed", &j->speed);
+    json_get_uint(j->json, "rate", &j->rate);
+    /* null (not known) is no number. */
+    j->has_eta = json_get_uint(j->json, "eta", &j->eta);
     return true;
 }
 
@@ -188,6 +194,68 @@ static const char *ctl_job_label(const char *type)
         return "Block Pull";
     }
     return "Block Commit";
+}
+
+/*
+ * "    Rate: 1.50 MiB/s    Time left: 0:01:05" for a running job (as
+ * virsh's --verbose progress, plus the time left), "" for any other state:
+ * a paused or finished job has no pace.  Newly allocated.
+ */
+static char *ctl_job_pace_text(const CtlJob *j)
+{
+    static const char *const units[] = { "B/s", "KiB/s", "MiB/s", "GiB/s" };
+    double v = (double)j->rate;
+    unsigned u = 0;
+    g_autofree char *left = NULL;
+
+    if (g_strcmp0(j->state, "running") != 0) {
+        return g_strdup("");
+    }
+    while (v >= 1024.0 && u + 1 < G_N_ELEMENTS(units)) {
+        v /= 1024.0;
+        u++;
+    }
+    if (j->has_eta) {
+        left = g_strdup_printf("%" PRIu64 ":%02u:%02u", j->eta / 3600,
+                               (unsigned)(j->eta / 60 % 60),
+                               (unsigned)(j->eta % 60));
+    }
+    return g_strdup_printf("    Rate: %.*f %s    Time left: %s", u ? 2 : 0, v,
+                           units[u], left ? left : "unknown");
+}
+
+/*
+ * One progress line (CtlProgress, after virsh --verbose) for the job j:
+ * "Block Commit: [ 42 %]" and its pace, redrawn when the percentage
+ * changes.  A running job shows at most 99 %: "[100 %]" is the line of a
+ * job that says it is done (or ready), and is so always printed last.
+ */
+static void ctl_progress_show(CtlProgress *p, const CtlJob *j)
+{
+    bool done = g_strcmp0(j->state, "completed") == 0 ||
+                g_strcmp0(j->state, "ready") == 0;
+    g_autofree char *pace = NULL;
+    g_autofree char *line = NULL;
+    int percent = 100;
+
+    if (!done) {
+        percent = j->len ? (int)MIN((double)j->offset * 100.0 /
+                                    (double)j->len, 99.0)
+                         : 0;
+    }
+    if (percent == p->last_percent) {
+        return;
+    }
+    p->last_percent = percent;
+    pace = ctl_job_pace_text(j);
+    line = g_strdup_printf("%s: [%3d %%]%s", p->label, percent, pace);
+    if (p->tty) {
+        /* Padded: a shorter line must cover the longer one it replaces. */
+        printf("\r%-72s", line);
+    } else {
+        printf("%s\n", line);
+    }
+    fflush(stdout);
 }
 
 static double ctl_now(void)
@@ -261,13 +329,8 @@ static CtlWaitResult ctl_wait_job(const CtlWait *w, CtlJob *j)
             return CTL_WAIT_ERROR;
         }
         if (w->progress) {
-            if (g_strcmp0(j->state, "completed") == 0 ||
-                g_strcmp0(j->state, "ready") == 0) {
-                /* Done means 100 %, even for a job of length 0. */
-                ctl_progress_update(w->progress, 1, 1);
-            } else {
-                ctl_progress_update(w->progress, j->offset, j->len);
-            }
+            /* Done means 100 %, even for a job of length 0. */
+            ctl_progress_show(w->progress, j);
         }
         if (ctl_state_is_final(j->state) ||
             (w->stop_at_ready && g_strcmp0(j->state, "ready") == 0) ||
@@ -421,13 +484,14 @@ static void ctl_print_job_line(const CtlJob *j)
 {
     int percent = j->len ? (int)((double)j->offset * 100.0 / (double)j->len)
                          : (g_strcmp0(j->state, "completed") == 0 ? 100 : 0);
+    g_autofree char *pace = ctl_job_pace_text(j);
 
     printf("%s: [%3d %%]    State: %s", ctl_job_label(j->type), percent,
            j->state);
     if (j->speed) {
         printf("    Bandwidth limit: %" PRIu64 " bytes/s", j->speed);
     }
-    printf("\n");
+    printf("%s\n", pace);
 }
 
 int ctl_online_info(const char *path, bool json)

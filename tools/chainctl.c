@@ -8,6 +8,7 @@
  *     chainctl snapshot   MOUNTPOINT/NAME | IMAGE  FILE
  *     chainctl stream     MOUNTPOINT/NAME | IMAGE  [--base F] [--bandwidth N]
  *                         [--wait] [--verbose]
+ *     chainctl map        MOUNTPOINT/NAME | IMAGE  [--width N] [--json]
  *     chainctl resize     MOUNTPOINT/NAME | IMAGE  [+]SIZE [--shrink]
  *
  * This file parses the command line (one GOptionContext per subcommand),
@@ -72,8 +73,7 @@ void ctl_nap(unsigned ms)
     nanosleep(&ts, NULL);
 }
 
-/* "1.5 MiB" style text of a byte count.  Newly allocated. */
-static char *ctl_human_size(uint64_t bytes)
+char *ctl_human_size(uint64_t bytes)
 {
     static const char *const units[] = { "B", "KiB", "MiB", "GiB", "TiB",
                                          "PiB", "EiB" };
@@ -173,9 +173,7 @@ static const char *ctl_json_skip_value(const char *p)
     return p;
 }
 
-/* Split the text of a JSON array ("[...]") into the texts of its
- * elements.  NULL when text is not a well-formed array. */
-static GPtrArray *ctl_json_array_items(const char *text)
+GPtrArray *ctl_json_array_items(const char *text)
 {
     g_autoptr(GPtrArray) items = g_ptr_array_new_with_free_func(g_free);
     const char *p = text;
@@ -218,8 +216,7 @@ static GPtrArray *ctl_json_array_items(const char *text)
     }
 }
 
-/* Member text of a JSON object; "null" and absence give NULL. */
-static char *ctl_json_member(const char *obj, const char *key)
+char *ctl_json_member(const char *obj, const char *key)
 {
     char *v = json_get_member(obj, key);
 
@@ -319,6 +316,8 @@ static const struct {
       "Add FILE as a new qcow2 overlay and make it the active layer." },
     { "stream", "MOUNTPOINT/NAME | IMAGE",
       "Pull data from the backing layers up into the active layer." },
+    { "map", "MOUNTPOINT/NAME | IMAGE",
+      "Draw where each layer holds data and what a commit of it copies." },
     { "resize", "MOUNTPOINT/NAME | IMAGE SIZE",
       "Grow the disk; the new range reads as zeros." },
 };
@@ -888,6 +887,67 @@ static int ctl_cmd_snapshot(int argc, char **argv)
              : ctl_offline_snapshot(argv[1], argv[2]);
 }
 
+/* ---- map ----------------------------------------------------------- */
+
+static int ctl_cmd_map(int argc, char **argv)
+{
+    gboolean help = FALSE, json = FALSE;
+    g_autofree char *width = NULL;
+    GOptionEntry entries[] = {
+        { "width", 0, 0, G_OPTION_ARG_STRING, &width,
+          "Width of each line in columns (default: the terminal's, or 80)",
+          "N" },
+        { "json", 0, 0, G_OPTION_ARG_NONE, &json,
+          "Print each layer's extents and the totals as JSON", NULL },
+        { "help", 'h', 0, G_OPTION_ARG_NONE, &help, "Show this help", NULL },
+        { NULL },
+    };
+    g_autoptr(GOptionContext) ctx = ctl_context_new(
+        "map", "MOUNTPOINT/NAME | IMAGE",
+        "Draw, one line per layer (active first), where across the disk the "
+        "layer itself holds data\n(like \"qemu-img map\" of each layer), the "
+        "bytes it holds (HOLDS) and what a commit of it\ninto its backing "
+        "file would copy (COMMIT: its data; its zero ranges become zero "
+        "clusters).",
+        "Density: blank for none of a column's range, three shades, a full "
+        "block for all of it\n(ASCII \" .:#\" outside a UTF-8 locale).\n"
+        "Colour on a terminal unless TERM is dumb or NO_COLOR is set.\n"
+        "Online the layer files are read force-shared, as on disk: writes "
+        "the daemon has not flushed may not show.", entries);
+    CtlMapArgs a = { 0 };
+    int r = ctl_context_parse(ctx, &argc, &argv, &help);
+
+    if (r >= 0) {
+        return r;
+    }
+    if (argc != 2) {
+        return ctl_usage_error(ctx, "map takes one MOUNTPOINT/NAME or IMAGE");
+    }
+    if (width) {
+        char *end = NULL;
+        guint64 v;
+
+        errno = 0;
+        v = g_ascii_strtoull(width, &end, 10);
+        if (!g_ascii_isdigit(width[0]) || errno || *end || v == 0 ||
+            v > 10000) {
+            return ctl_usage_error(ctx, "bad --width \"%s\": a number of "
+                                   "columns, 1 to 10000", width);
+        }
+        a.width = (unsigned)v;
+    }
+    if (json && width) {
+        return ctl_usage_error(ctx, "--width draws the picture; --json "
+                               "prints no picture");
+    }
+    a.json = json;
+    r = ctl_classify(argv[1]);
+    if (r < 0) {
+        return CTL_EXIT_FAIL;
+    }
+    return ctl_map(argv[1], r == 1, &a);
+}
+
 /* ---- resize -------------------------------------------------------- */
 
 int ctl_resize_target(const CtlResizeArgs *a, uint64_t cur, const char *name,
@@ -1012,6 +1072,9 @@ int main(int argc, char **argv)
     }
     if (strcmp(cmd, "resize") == 0) {
         return ctl_cmd_resize(argc - 1, argv + 1);
+    }
+    if (strcmp(cmd, "map") == 0) {
+        return ctl_cmd_map(argc - 1, argv + 1);
     }
     return ctl_usage_error(NULL, "unknown command \"%s\"", cmd);
 }

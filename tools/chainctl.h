@@ -116,6 +116,16 @@ void ctl_catch_sigint(bool restart_syscalls);
 /* Sleep up to ms milliseconds; returns early on a signal. */
 void ctl_nap(unsigned ms);
 
+/* "1.5 MiB" style text of a byte count.  Newly allocated. */
+char *ctl_human_size(uint64_t bytes);
+
+/* Split the text of a JSON array ("[...]") into the texts of its
+ * elements.  NULL when text is not a well-formed array. */
+GPtrArray *ctl_json_array_items(const char *text);
+/* Member of a JSON object (a string unescaped); "null" and absence give
+ * NULL.  Newly allocated. */
+char *ctl_json_member(const char *obj, const char *key);
+
 /*
  * Progress display after virsh: on a terminal one line rewritten in place
  * ("\rBlock Commit: [ 42 %]"), otherwise a plain line each time the
@@ -161,6 +171,18 @@ int ctl_online_stream(const char *path, const CtlStreamArgs *a);
 int ctl_online_job(const char *path, const CtlJobArgs *a);
 int ctl_online_snapshot(const char *path, const char *file);
 int ctl_online_resize(const char *path, const CtlResizeArgs *a);
+
+/* chainctl map: the picture's width and the output form. */
+typedef struct {
+    unsigned width;        /* whole line, 0: the terminal's or 80 */
+    bool json;
+} CtlMapArgs;
+
+/* ---- chainctl-map.c: where each layer holds data, both modes ------- */
+
+/* online names MOUNTPOINT/NAME (the daemon's user.chainfs.chain says
+ * where the layer files are), else path is an image file. */
+int ctl_map(const char *path, bool online, const CtlMapArgs *a);
 
 /* ---- chainctl-offline.c: image files ------------------------------- */
 

@@ -71,6 +71,9 @@ char *chain_info_json(Chain *chain)
     g_autofree char *read_only = NULL;
 
     json_append_member_string(out, "name", chain->name);
+    /* Where the layers' "file" names live, so that a client (chainctl
+     * map) can open them read-only itself. */
+    json_append_member_string(out, "image_dir", image_set_dir(chain->set));
     chain_topo_rdlock(chain);
     /* The export is writable when its active layer is. */
     read_only = chain_info_read_only_reason(chain_layer(chain, 0));

@@ -16,7 +16,8 @@
 
 /*
  * The chain as design.md's object {"name", "writable", ["reason",]
- * "layers": [...]}: "writable" false when the active layer cannot be
+ * "layers": [...]}, plus "image_dir" (the canonical image directory the
+ * layers' "file" names are relative to): "writable" false when the active layer cannot be
  * written (its read-only reason, or a file or filesystem that refuses
  * writes), with "reason" saying why; layers active layer first.  Each layer: "file" (its name
  * in the image directory), "format",

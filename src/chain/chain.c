@@ -32,6 +32,7 @@ struct ImageSet {
     GMutex lock;
     GHashTable *images;      /* canonical path -> ChainImage *; protected
                                 by lock, as is every ChainImage.refcnt */
+    bool force_share;        /* read-only opens take no lock (qemu-img -U) */
 };
 
 ImageSet *image_set_new(const char *image_dir, GError **error)
@@ -122,6 +123,11 @@ void image_set_free(ImageSet *set)
 const char *image_set_dir(ImageSet *set)
 {
     return set->dir;
+}
+
+void image_set_force_share(ImageSet *set)
+{
+    set->force_share = true;
 }
 
 /* On exit: the part of canon below set->dir ("a.qcow2"), or NULL when
@@ -257,7 +263,10 @@ static ChainImage *set_open_locked(ImageSet *set, const char *canon,
         }
         return NULL;
     }
-    if (!image_lock_fd(fd, canon, writable, error)) {
+    /* A force-shared reader takes no lock bytes at all: it neither holds
+     * "consistent read" nor refuses the writer another process is. */
+    if (!(set->force_share && !writable) &&
+        !image_lock_fd(fd, canon, writable, error)) {
         close(fd);
         return NULL;
     }
@@ -428,6 +437,12 @@ bool chain_image_reopen(ChainImage *img, bool writable, GError **error)
         return false;
     }
 
+    if (writable && img->drv->prepare_writable &&
+        !img->drv->prepare_writable(img, fd, error)) {
+        image_lock_apply(img->fd, img->path, false, NULL);
+        close(fd);
+        return false;
+    }
     if (dup3(fd, img->fd, O_CLOEXEC) < 0) {
         int err = errno;
 

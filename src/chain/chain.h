@@ -15,6 +15,7 @@
 #define CHAINFS_CHAIN_H
 
 #include <pthread.h>
+#include <sys/types.h>
 
 #include "image.h"
 
@@ -67,6 +68,15 @@ struct Chain {
 ImageSet *image_set_new(const char *image_dir, GError **error);
 void image_set_free(ImageSet *set);
 const char *image_set_dir(ImageSet *set);
+/*
+ * From now on open the set's images read-only without any lock, as
+ * `qemu-img -U` (force-share) does: for a reader that tolerates another
+ * process writing the files meanwhile (chainctl map of a mounted chain,
+ * whose daemon holds the active layer's write lock).  What such a reader
+ * sees is the files as they are on disk at that moment.  Read-write opens
+ * still lock.
+ */
+void image_set_force_share(ImageSet *set);
 
 /*
  * Open the image named name (a file name in the image directory, or a path
@@ -90,6 +100,15 @@ void image_set_release(ImageSet *set, ChainImage *img);
  * chain using img held, or where no I/O can run.
  */
 bool chain_image_reopen(ChainImage *img, bool writable, GError **error);
+
+/*
+ * The owner and permission bits of img's file (image-owner.c): set them
+ * (uid, gid or mode (type)-1 to keep one), or give `to` those of `from`.
+ * Errors name the image (EPERM when the daemon may not chown).
+ */
+bool chain_image_set_owner(ChainImage *img, uid_t uid, gid_t gid,
+                           mode_t mode, GError **error);
+bool chain_image_copy_owner(ChainImage *from, ChainImage *to, GError **error);
 
 /* ---- chains -------------------------------------------------------- */
 

@@ -150,6 +150,14 @@ struct ImageDriver {
     int (*flush)(ChainImage *img);
 
     /*
+     * Before an image opened read-only becomes writable (chain_image_reopen),
+     * with fd the new read-write descriptor of the file (img->fd is still
+     * the read-only one): make the file fit for writing (qcow2 rebuilds the
+     * refcounts of a dirty image).  NULL when there is nothing to do.
+     */
+    bool (*prepare_writable)(ChainImage *img, int fd, GError **error);
+
+    /*
      * Grow the virtual size (never shrinks).  The new range reads as
      * zeros, whatever img's backing chain holds there (QEMU's truncate
      * zero-fills it too), and a crash at any point leaves img reading as

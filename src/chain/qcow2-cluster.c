@@ -815,9 +815,9 @@ retry:
 }
 
 /*
- * Before the first write: an image opened read-only and reopened
- * read-write (chain_image_reopen keeps the driver state) may still carry
- * autoclear bits, which name extensions we would not keep consistent.
+ * Before the first write: the image may carry autoclear bits, which name
+ * extensions we would not keep consistent; they are cleared here, not at
+ * open, so that an image never written is never changed.
  */
 int qcow2_before_write(ChainImage *img)
 {

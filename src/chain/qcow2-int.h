@@ -41,6 +41,12 @@
 #define QCOW2_EXT_CRYPTO         0x0537be77U
 #define QCOW2_EXT_DATA_FILE      0x44415441U
 
+/* Autoclear feature bits. */
+#define QCOW2_AUTOCLEAR_BITMAPS (1ULL << 0)
+
+/* Fixed part of a snapshot table entry. */
+#define QCOW2_SNAPSHOT_ENTRY_MIN 40
+
 /* Incompatible feature bits. */
 #define QCOW2_INCOMPAT_DIRTY       (1ULL << 0)
 #define QCOW2_INCOMPAT_CORRUPT     (1ULL << 1)
@@ -253,17 +259,19 @@ char *qcow2_entry_fault(BDRVQcow2State *s, uint64_t l2e);
  * (cluster_size bytes).  No lock needed.  0 or negative errno. */
 int qcow2_read_compressed(ChainImage *img, uint64_t l2e, uint8_t *out);
 
-/* Before a change of the image (a write, a grow): refuses a read-only
- * image (EROFS), and clears the autoclear bits, durably, the first time
- * (extensions they name, such as bitmaps, are not kept in step; QEMU then
- * ignores them).  Takes meta_lock.  0 or negative errno. */
+/* Before any write that changes what the image holds: -EROFS when it may
+ * not be written; clears the autoclear bits (once, synced).  0 or
+ * negative errno. */
 int qcow2_before_write(ChainImage *img);
+
 int qcow2_co_pwrite(ChainImage *img, uint64_t offset, const void *buf,
                     uint64_t bytes);
 int qcow2_co_pwrite_zeroes(ChainImage *img, uint64_t offset, uint64_t bytes,
                            bool may_unmap);
 
 /* ---- refcounts and allocation (qcow2-refcount.c) ------------------- */
+/* Set entry i of a refcount block buffer (on-disk layout). */
+void qcow2_rc_set(BDRVQcow2State *s, uint8_t *blk, uint64_t i, uint64_t v);
 /* Refcount of the host cluster at offset.  meta_lock held. */
 int qcow2_get_refcount(ChainImage *img, uint64_t offset, uint64_t *refcount);
 /*
@@ -347,6 +355,21 @@ int qcow2_signal_corruption(ChainImage *img, const char *fmt, ...)
 bool qcow2_validate_and_map(ChainImage *img, GError **error);
 /* The reason L1 index l1i's table is corrupt, or NULL.  meta_lock held. */
 const char *qcow2_bad_l2(BDRVQcow2State *s, uint64_t l1i);
+/* The bitmaps header extension, when the autoclear bit says it is valid
+ * (QEMU ignores it otherwise), or NULL. */
+const Qcow2Ext *qcow2_valid_bitmaps_ext(BDRVQcow2State *s);
+
+/* ---- dirty images (qcow2-repair.c) ---------------------------------- */
+/*
+ * Rebuild the refcounts of an image whose dirty bit is set (lazy
+ * refcounts not written back) from its tables, write them as a new
+ * refcount structure through fd (a read-write descriptor of the file) in
+ * crash-safe order, and clear the dirty bit; logs one line.  After open
+ * (the tables checked and mapped), before the first write, no lock held.
+ * Refuses, changing nothing the image names, when a table is corrupt or
+ * the image has valid persistent bitmaps.
+ */
+bool qcow2_repair_refcounts(ChainImage *img, int fd, GError **error);
 
 /* Header writes (qcow2.c) */
 int qcow2_write_header_field64(ChainImage *img, unsigned off, uint64_t v);

@@ -62,7 +62,7 @@ static uint64_t rc_get(BDRVQcow2State *s, const uint8_t *blk, uint64_t i)
     }
 }
 
-static void rc_set(BDRVQcow2State *s, uint8_t *blk, uint64_t i, uint64_t v)
+void qcow2_rc_set(BDRVQcow2State *s, uint8_t *blk, uint64_t i, uint64_t v)
 {
     switch (s->refcount_order) {
     case 0:
@@ -251,7 +251,7 @@ static int qcow2_reserve_batch(ChainImage *img, uint64_t want)
                 goto out;
             }
             for (uint64_t ci = lo; ci < hi; ci++) {
-                rc_set(s, c.buf, ci - b * rbe, 1);
+                qcow2_rc_set(s, c.buf, ci - b * rbe, 1);
             }
             c.dirty = true;
         } else {
@@ -259,7 +259,7 @@ static int qcow2_reserve_batch(ChainImage *img, uint64_t want)
             blk_off[b - first_blk] = rb_off + next_new * cs;
             next_new++;
             for (uint64_t ci = lo; ci < hi; ci++) {
-                rc_set(s, nb, ci - b * rbe, 1);
+                qcow2_rc_set(s, nb, ci - b * rbe, 1);
             }
         }
     }
@@ -457,7 +457,7 @@ static int qcow2_apply_frees(ChainImage *img, GArray *frees)
                           " whose refcount is already 0", img->path, ci);
                 continue;
             }
-            rc_set(s, c.buf, ci % s->rb_entries, v - 1);
+            qcow2_rc_set(s, c.buf, ci % s->rb_entries, v - 1);
             c.dirty = true;
         }
     }
@@ -532,7 +532,7 @@ void qcow2_release_pool_locked(ChainImage *img, bool sync)
     for (uint64_t ci = ci0; ci < ci1 && ret == 0; ci++) {
         ret = rc_cursor_load(img, &c, ci);
         if (ret == 0) {
-            rc_set(s, c.buf, ci % s->rb_entries, 0);
+            qcow2_rc_set(s, c.buf, ci % s->rb_entries, 0);
             c.dirty = true;
         }
     }

@@ -26,11 +26,9 @@
 #define QCOW2_MAX_SNAPSHOTS 65536
 #define QCOW2_MAX_SNAPSHOTS_SIZE (64ULL << 20)
 #define QCOW2_MAX_SNAPSHOT_EXTRA 1024
-#define QCOW2_SNAPSHOT_ENTRY_MIN 40
 #define QCOW2_MAX_BITMAPS 65535
 #define QCOW2_MAX_BITMAP_DIR_SIZE (64ULL << 20)
 #define QCOW2_BITMAP_ENTRY_MIN 24
-#define QCOW2_AUTOCLEAR_BITMAPS (1ULL << 0)
 
 static bool aligned(BDRVQcow2State *s, uint64_t off)
 {
@@ -162,8 +160,7 @@ too_large:
     return false;
 }
 
-/* The bitmaps header extension, when the autoclear bit says it is valid. */
-static const Qcow2Ext *find_bitmaps_ext(BDRVQcow2State *s)
+const Qcow2Ext *qcow2_valid_bitmaps_ext(BDRVQcow2State *s)
 {
     if (s->version < 3 || !(s->autoclear & QCOW2_AUTOCLEAR_BITMAPS)) {
         return NULL; /* QEMU ignores an extension not marked consistent */
@@ -226,7 +223,7 @@ bad_dir:
 static bool check_bitmaps(ChainImage *img, GError **error)
 {
     BDRVQcow2State *s = img->opaque;
-    const Qcow2Ext *ext = find_bitmaps_ext(s);
+    const Qcow2Ext *ext = qcow2_valid_bitmaps_ext(s);
     g_autofree uint8_t *dir = NULL;
     int ret;
 

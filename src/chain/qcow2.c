@@ -203,23 +203,17 @@ static bool qcow2_check_features(ChainImage *img, BDRVQcow2State *s,
         return false;
     }
     /* Both bits leave the mapping (L1, L2) readable but the refcounts
-     * untrustworthy: like QEMU, read such an image, never write it.  (QEMU
-     * repairs a dirty image it opens read-write; we leave that to
-     * qemu-img check.) */
-    if (s->incompat & (QCOW2_INCOMPAT_CORRUPT | QCOW2_INCOMPAT_DIRTY)) {
-        g_autofree char *why = NULL;
+     * untrustworthy.  A corrupt image, like QEMU, is read, never written.
+     * A dirty one (lazy refcounts not written back) is read as it is and,
+     * before it is first written, has its refcounts rebuilt
+     * (qcow2-repair.c), as QEMU repairs a dirty image it opens
+     * read-write. */
+    if (s->incompat & QCOW2_INCOMPAT_CORRUPT) {
+        g_autofree char *why = g_strdup_printf(
+            "%s: qcow2 image is marked corrupt (corrupt bit set) and cannot "
+            "be written; repair it with 'qemu-img check -r all %s'",
+            img->path, img->path);
 
-        if (s->incompat & QCOW2_INCOMPAT_CORRUPT) {
-            why = g_strdup_printf("%s: qcow2 image is marked corrupt (corrupt "
-                                  "bit set) and cannot be written; repair it "
-                                  "with 'qemu-img check -r all %s'",
-                                  img->path, img->path);
-        } else {
-            why = g_strdup_printf("%s: qcow2 image is dirty (lazy refcounts "
-                                  "were not written back) and cannot be "
-                                  "written; run 'qemu-img check -r all %s' "
-                                  "first", img->path, img->path);
-        }
         if (img->writable) {
             chainfs_set_error(error, EOPNOTSUPP, "%s", why);
             return false;
@@ -489,25 +483,20 @@ static bool qcow2_open(ChainImage *img, GError **error)
     img->opaque = s;
     s->autoclear_pending = s->autoclear != 0;
 
+    if (img->writable && (s->incompat & QCOW2_INCOMPAT_DIRTY) &&
+        !qcow2_repair_refcounts(img, img->fd, error)) {
+        img->opaque = NULL;
+        goto fail;
+    }
+
     /*
      * Autoclear bits name extensions (bitmaps, raw external data) that we
-     * would not keep consistent while writing: clear them as the spec asks
-     * of an editor that does not know them.  Only now, after every refusal.
+     * would not keep consistent while writing: they are cleared, as the
+     * spec asks of an editor that does not know them, before the first
+     * write (qcow2_before_write), not here: an image opened read-write but
+     * never written (a mount with no guest write, a layer a job never
+     * touched) stays byte for byte as it was, its bitmaps valid for QEMU.
      */
-    if (img->writable && s->version >= 3 && s->autoclear) {
-        s->autoclear = 0;
-        s->autoclear_pending = 0;
-        ret = qcow2_write_header_field64(img, 88, 0);
-        if (ret == 0) {
-            ret = qcow2_datasync(img->fd);
-        }
-        if (ret < 0) {
-            img->opaque = NULL;
-            chainfs_set_error(error, -ret, "%s: cannot clear autoclear "
-                              "feature bits: %s", img->path, g_strerror(-ret));
-            goto fail;
-        }
-    }
     return true;
 
 fail:
@@ -716,6 +705,20 @@ static bool qcow2_may_write(ChainImage *img, GError **error)
     return true;
 }
 
+/* Before a control path changes what the image holds (grow): the autoclear
+ * bits go first, as before a guest write. */
+static bool qcow2_first_write(ChainImage *img, GError **error)
+{
+    int ret = qcow2_before_write(img);
+
+    if (ret < 0) {
+        chainfs_set_error(error, -ret, "%s: cannot clear autoclear feature "
+                          "bits: %s", img->path, g_strerror(-ret));
+        return false;
+    }
+    return true;
+}
+
 /*
  * A larger L1 table, for grow: written and synced in fresh clusters, then
  * the header switches to it (l1_size and l1_offset together, in one
@@ -783,7 +786,10 @@ static int qcow2_grow_l1(ChainImage *img, uint64_t l1_needed)
  * Grow in three steps, each durable before the next starts, so that a
  * crash (or a failure) at any point leaves an image that reads exactly as
  * before (old size, old content) or as grown (new size, the new range
- * zeros), and so does every export that has it as a layer:
+ * zeros), and so does every export that has it as a layer.  First the
+ * autoclear bits go (qcow2_first_write): a bitmap table sized for the old
+ * size would make QEMU refuse the image, a cleared bit only makes it
+ * ignore the stale bitmaps.  Then:
  *   1. the L1 table grows when the new size needs more entries
  *      (qcow2_grow_l1); the size in the header is unchanged.
  *   2. the new range [old, new) is zeroed wherever it would not read
@@ -820,7 +826,7 @@ static bool qcow2_grow(ChainImage *img, uint64_t new_size, GError **error)
     if (new_size == old_size) {
         return true;
     }
-    if (!qcow2_may_write(img, error)) {
+    if (!qcow2_may_write(img, error) || !qcow2_first_write(img, error)) {
         return false;
     }
     uint64_t l1_needed = (new_size + l2_span - 1) / l2_span;
@@ -828,16 +834,6 @@ static bool qcow2_grow(ChainImage *img, uint64_t new_size, GError **error)
         chainfs_set_error(error, EFBIG, "%s: %" G_GUINT64_FORMAT " bytes is "
                           "too large for this cluster size", img->path,
                           new_size);
-        return false;
-    }
-
-    /* A bitmap table sized for the old size makes QEMU refuse the image
-     * ("doesn't satisfy the constraints"); with the autoclear bit clear,
-     * as after any write of ours, QEMU only ignores the stale bitmaps. */
-    ret = qcow2_before_write(img);
-    if (ret < 0) {
-        chainfs_set_error(error, -ret, "%s: cannot clear the autoclear "
-                          "feature bits: %s", img->path, g_strerror(-ret));
         return false;
     }
 
@@ -1178,6 +1174,18 @@ nospace:
     return false;
 }
 
+/* A dirty image opened read-only gets its refcounts rebuilt before it is
+ * written (qcow2-repair.c). */
+static bool qcow2_prepare_writable(ChainImage *img, int fd, GError **error)
+{
+    BDRVQcow2State *s = img->opaque;
+
+    if (!(s->incompat & QCOW2_INCOMPAT_DIRTY)) {
+        return true;
+    }
+    return qcow2_repair_refcounts(img, fd, error);
+}
+
 const ImageDriver qcow2_driver = {
     .format_name = "qcow2",
     .probe = qcow2_probe,
@@ -1189,6 +1197,7 @@ const ImageDriver qcow2_driver = {
     .pwrite_zeroes = qcow2_pwrite_zeroes,
     .flush = qcow2_flush,
     .grow = qcow2_grow,
+    .prepare_writable = qcow2_prepare_writable,
     .set_backing = qcow2_set_backing,
     .allocated_bytes = qcow2_allocated_bytes,
 };

@@ -22,7 +22,8 @@
 #include "json.h"
 
 const char ctl_xattr_list[] =
-    "user.chainfs.chain\0user.chainfs.job\0user.chainfs.last_error";
+    "user.chainfs.chain\0user.chainfs.job\0user.chainfs.last_error\0"
+    "user.chainfs.stats";
 const size_t ctl_xattr_list_len = sizeof(ctl_xattr_list);
 
 static const char *const ctl_commands[] = {
@@ -202,6 +203,9 @@ char *ctl_read_attribute(Daemon *d, Export *e, const char *attr)
     if (strcmp(attr, "last_error") == 0) {
         return export_last_error(e);
     }
+    if (strcmp(attr, "stats") == 0) {
+        return export_stats_json(&e->stats);
+    }
     return NULL;
 }
 
@@ -239,6 +243,7 @@ char *ctl_status_json(Daemon *d)
         g_autofree char *chain = chain_info_json(e->chain);
         g_autofree char *job = merge_job_info_json(e->chain);
         g_autofree char *last_error = export_last_error(e);
+        g_autofree char *stats = export_stats_json(&e->stats);
 
         if (i > 0) {
             g_string_append_c(out, ',');
@@ -252,6 +257,8 @@ char *ctl_status_json(Daemon *d)
         json_append_key(out, "job");
         g_string_append(out, job);
         json_append_member_string(out, "last_error", last_error);
+        json_append_key(out, "stats");
+        g_string_append(out, stats);
         g_string_append_c(out, '}');
     }
     g_string_append(out, "]}\n");

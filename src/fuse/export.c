@@ -41,11 +41,16 @@ static Export *export_new(Daemon *d, Chain *chain, uint64_t ino)
     e->name = g_strdup(chain->name);
     e->chain = chain;
     e->ino = ino;
+    export_stats_init(&e->stats);
     g_mutex_init(&e->lock);
     e->mode = 0644;
     e->uid = d->uid;
     e->gid = d->gid;
     if (stat(chain_layer(chain, 0)->path, &st) == 0) {
+        /* Owner and mode live in the active layer's file (image-owner.c). */
+        e->mode = st.st_mode & 07777;
+        e->uid = st.st_uid;
+        e->gid = st.st_gid;
         e->mtime = st.st_mtim;
         e->ctime = st.st_mtim;
         e->atime = st.st_atim;

@@ -22,6 +22,7 @@
 #include <time.h>
 
 #include "chain.h"
+#include "export-stats.h"
 #include "merge.h"
 
 #define CHAINFS_ROOT_INO 1
@@ -33,6 +34,7 @@ typedef struct Export {
     char *name;          /* export name (file name under the mount point) */
     Chain *chain;        /* owned; layers change under its topology lock */
     uint64_t ino;        /* fixed */
+    ExportStats stats;   /* atomics, no lock: the I/O handlers count here */
 
     /* Guards every field below. */
     GMutex lock;
@@ -108,8 +110,8 @@ bool ctl_run_command(Daemon *d, Export *e, const char *verb,
 bool ctl_is_command(const char *verb);
 
 /*
- * Read a control attribute ("chain", "job", "last_error"): newly allocated
- * value, or NULL when name is none of them.
+ * Read a control attribute ("chain", "job", "last_error", "stats"): newly
+ * allocated value, or NULL when name is none of them.
  */
 char *ctl_read_attribute(Daemon *d, Export *e, const char *attr);
 

@@ -7,7 +7,9 @@
  * export list and calls src/chain (guest I/O, which takes the chain's
  * topology lock itself) or control.c.  The I/O handlers return the
  * library's negative errno to the kernel as a positive one, and never
- * hold a lock across a reply.
+ * hold a lock across a reply.  The I/O handlers (read, write, fsync,
+ * fallocate) count each request of an export in its stats
+ * (export-stats.h), with no lock.
  *
  * Handlers run on the threads of fuse_session_loop_mt, many at once; a
  * handler blocked in a drain (snapshot, pivot) blocks only its thread.
@@ -37,6 +39,16 @@
 static Daemon *req_daemon(fuse_req_t req)
 {
     return fuse_req_userdata(req);
+}
+
+/*
+ * An export's I/O request answered with err (0: success without data),
+ * counted in its stats first (export-stats.h says why before the reply).
+ */
+static void io_reply_err(fuse_req_t req, Export *e, ExportOp op, int err)
+{
+    export_stats_end(&e->stats, op, 0, err);
+    fuse_reply_err(req, err);
 }
 
 static void stat_root(Daemon *d, struct stat *st)
@@ -143,10 +155,34 @@ static void chainfs_getattr(fuse_req_t req, fuse_ino_t ino,
 }
 
 /*
+ * chmod and chown of an export go to its active layer's file, where the
+ * next active layer (snapshot, pivot) and the next mount find them
+ * (image-owner.c).  Replies with the error itself when it fails.
+ */
+static bool export_set_owner(Export *e, const struct stat *attr, int to_set,
+                             fuse_req_t req)
+{
+    g_autoptr(GError) err = NULL;
+    bool ok;
+
+    chain_topo_rdlock(e->chain);
+    ok = chain_image_set_owner(
+        chain_layer(e->chain, 0),
+        (to_set & FUSE_SET_ATTR_UID) ? attr->st_uid : (uid_t)-1,
+        (to_set & FUSE_SET_ATTR_GID) ? attr->st_gid : (gid_t)-1,
+        (to_set & FUSE_SET_ATTR_MODE) ? attr->st_mode : (mode_t)-1, &err);
+    chain_topo_unlock(e->chain);
+    if (!ok) {
+        fuse_reply_err(req, chainfs_error_errno(err));
+    }
+    return ok;
+}
+
+/*
  * A disk file keeps its size: a size change is refused with EPERM (a
- * "change" to the current size is accepted).  Mode, owner and times are
- * kept in memory for the life of the mount, as a disk file would take
- * them.
+ * "change" to the current size is accepted).  Mode and owner go to the
+ * active layer (export_set_owner); times are kept in memory for the life
+ * of the mount, as a disk file would take them.
  */
 /*
  * truncate(2) of an export to another size (as `virsh blockresize` or
@@ -204,6 +240,10 @@ static void chainfs_setattr(fuse_req_t req, fuse_ino_t ino, struct stat *attr,
             fuse_reply_err(req, err);
             return;
         }
+    }
+    if ((to_set & (FUSE_SET_ATTR_MODE | FUSE_SET_ATTR_UID |
+                   FUSE_SET_ATTR_GID)) && !export_set_owner(e, attr, to_set, req)) {
+        return;
     }
     clock_gettime(CLOCK_REALTIME, &now);
     g_mutex_lock(&e->lock);
@@ -333,15 +373,17 @@ static void chainfs_read(fuse_req_t req, fuse_ino_t ino, size_t size,
         fuse_reply_err(req, ino == CHAINFS_ROOT_INO ? EISDIR : ENOENT);
         return;
     }
+    export_stats_begin(&e->stats);
     disk_size = chain_size(e->chain);
     if (off < 0 || (uint64_t)off >= disk_size || size == 0) {
+        export_stats_end(&e->stats, EXPORT_OP_READ, 0, 0);
         fuse_reply_buf(req, NULL, 0);
         return;
     }
     size = MIN(size, disk_size - (uint64_t)off);
     buf = g_try_malloc(size);
     if (!buf) {
-        fuse_reply_err(req, ENOMEM);
+        io_reply_err(req, e, EXPORT_OP_READ, ENOMEM);
         return;
     }
     ret = chain_pread(e->chain, off, buf, size);
@@ -349,9 +391,10 @@ static void chainfs_read(fuse_req_t req, fuse_ino_t ino, size_t size,
         chainfs_log(G_LOG_LEVEL_DEBUG, e->name, NULL,
                     "read of %zu bytes at %jd failed: %s", size,
                     (intmax_t)off, g_strerror(-ret));
-        fuse_reply_err(req, -ret);
+        io_reply_err(req, e, EXPORT_OP_READ, -ret);
         return;
     }
+    export_stats_end(&e->stats, EXPORT_OP_READ, size, 0);
     fuse_reply_buf(req, buf, size);
 }
 
@@ -382,13 +425,15 @@ static void chainfs_write(fuse_req_t req, fuse_ino_t ino, const char *buf,
         fuse_reply_err(req, ino == CHAINFS_ROOT_INO ? EISDIR : ENOENT);
         return;
     }
+    export_stats_begin(&e->stats);
     if (size == 0) {
+        export_stats_end(&e->stats, EXPORT_OP_WRITE, 0, 0);
         fuse_reply_write(req, 0);
         return;
     }
     disk_size = chain_size(e->chain);
     if (off < 0 || (uint64_t)off >= disk_size) {
-        fuse_reply_err(req, off < 0 ? EINVAL : ENOSPC);
+        io_reply_err(req, e, EXPORT_OP_WRITE, off < 0 ? EINVAL : ENOSPC);
         return;
     }
     size = MIN(size, disk_size - (uint64_t)off);
@@ -397,10 +442,11 @@ static void chainfs_write(fuse_req_t req, fuse_ino_t ino, const char *buf,
         chainfs_log(G_LOG_LEVEL_DEBUG, e->name, NULL,
                     "write of %zu bytes at %jd failed: %s", size,
                     (intmax_t)off, g_strerror(-ret));
-        fuse_reply_err(req, -ret);
+        io_reply_err(req, e, EXPORT_OP_WRITE, -ret);
         return;
     }
     export_touch_content(e);
+    export_stats_end(&e->stats, EXPORT_OP_WRITE, size, 0);
     fuse_reply_write(req, size);
 }
 
@@ -417,14 +463,17 @@ static void chainfs_fsync(fuse_req_t req, fuse_ino_t ino, int datasync,
     Export *e = daemon_export_by_ino(req_daemon(req), ino);
     int ret = 0;
 
-    if (e) {
-        ret = chain_flush(e->chain);
-        if (ret < 0) {
-            chainfs_log(G_LOG_LEVEL_WARNING, e->name, NULL, "flush failed: %s",
-                        g_strerror(-ret));
-        }
+    if (!e) {
+        fuse_reply_err(req, 0);
+        return;
     }
-    fuse_reply_err(req, ret < 0 ? -ret : 0);
+    export_stats_begin(&e->stats);
+    ret = chain_flush(e->chain);
+    if (ret < 0) {
+        chainfs_log(G_LOG_LEVEL_WARNING, e->name, NULL, "flush failed: %s",
+                    g_strerror(-ret));
+    }
+    io_reply_err(req, e, EXPORT_OP_FLUSH, ret < 0 ? -ret : 0);
 }
 
 static void chainfs_opendir(fuse_req_t req, fuse_ino_t ino,
@@ -597,34 +646,36 @@ static void chainfs_fallocate(fuse_req_t req, fuse_ino_t ino, int mode,
         fuse_reply_err(req, EOPNOTSUPP);
         return;
     }
+    export_stats_begin(&e->stats);
     if (mode != (FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE) &&
         mode != FALLOC_FL_ZERO_RANGE &&
         mode != (FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE)) {
-        fuse_reply_err(req, EOPNOTSUPP);
+        io_reply_err(req, e, EXPORT_OP_DISCARD, EOPNOTSUPP);
         return;
     }
     if (off < 0 || length <= 0) {
-        fuse_reply_err(req, EINVAL);
+        io_reply_err(req, e, EXPORT_OP_DISCARD, EINVAL);
         return;
     }
     size = chain_size(e->chain);
     end = (uint64_t)off + (uint64_t)length;
     if (!(mode & FALLOC_FL_KEEP_SIZE) && end > size) {
         /* Zeroing past the end would grow the file. */
-        fuse_reply_err(req, ENOSPC);
+        io_reply_err(req, e, EXPORT_OP_DISCARD, ENOSPC);
         return;
     }
     if ((uint64_t)off >= size) {
-        fuse_reply_err(req, 0);
+        io_reply_err(req, e, EXPORT_OP_DISCARD, 0);
         return;
     }
     end = MIN(end, size);
     ret = chain_pwrite_zeroes(e->chain, off, end - (uint64_t)off);
     if (ret < 0) {
-        fuse_reply_err(req, -ret);
+        io_reply_err(req, e, EXPORT_OP_DISCARD, -ret);
         return;
     }
     export_touch_content(e);
+    export_stats_end(&e->stats, EXPORT_OP_DISCARD, end - (uint64_t)off, 0);
     fuse_reply_err(req, 0);
 }
 

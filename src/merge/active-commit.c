@@ -536,6 +536,15 @@ static int active_prepare(Job *job)
         return ret;
     }
     merge_crash_point("active-pivot-flushed");
+    /* The disk keeps its owner and mode (libvirt's chown of the export):
+     * base takes the active layer's before it becomes it.  A failure
+     * leaves base's own, which the export then shows; not a reason to
+     * keep the guest on a layer the user asked to drop. */
+    if (!chain_image_copy_owner(chain_layer(chain, 0), mj->base, &err)) {
+        g_warning("%s: pivot keeps %s's own owner and mode: %s", chain->name,
+                  mj->base->name, err->message);
+        g_clear_error(&err);
+    }
     /* The one atomic step: from here on the export is served from base. */
     if (!checkpoint_record_dropped(dir, chain->name, mj->layers,
                                    mj->base->name, &err)) {

@@ -516,6 +516,8 @@ void job_set_progress(Job *job, uint64_t offset, uint64_t len)
 
     job->offset = offset;
     job->len = len;
+    job_rate_note(&job->rate, g_get_monotonic_time(), job->offset,
+                  job->copied);
 }
 
 void job_add_copied(Job *job, uint64_t bytes)
@@ -523,6 +525,8 @@ void job_add_copied(Job *job, uint64_t bytes)
     g_autoptr(GMutexLocker) locker = g_mutex_locker_new(&job->lock);
 
     job->copied += bytes;
+    job_rate_note(&job->rate, g_get_monotonic_time(), job->offset,
+                  job->copied);
 }
 
 void job_set_error(Job *job, int err, const char *fmt, ...)
@@ -605,6 +609,30 @@ int job_wait_complete(Job *job, int64_t timeout_us)
     }
 }
 
+/* "rate" and "eta" of job_info_json.  job->lock held. */
+static void job_append_rate_json(Job *job, GString *out)
+{
+    bool running = job->status == JOB_STATUS_RUNNING;
+    double copy_rate = 0, progress_rate = 0;
+
+    if (running || job->status == JOB_STATUS_READY) {
+        job_rate_estimate(&job->rate, g_get_monotonic_time(), job->offset,
+                          job->copied, &copy_rate, &progress_rate);
+    }
+    json_append_member_uint(out, "rate", (uint64_t)copy_rate);
+    json_append_key(out, "eta");
+    if (running && job->offset >= job->len) {
+        g_string_append(out, "0");
+    } else if (running && progress_rate > 0) {
+        /* Rounded up: a job with a byte left has a second left. */
+        g_string_append_printf(out, "%" G_GUINT64_FORMAT,
+                               (guint64)((double)(job->len - job->offset) /
+                                         progress_rate + 0.999));
+    } else {
+        g_string_append(out, "null");
+    }
+}
+
 char *job_info_json(Job *job)
 {
     g_autoptr(GMutexLocker) locker = g_mutex_locker_new(&job->lock);
@@ -620,6 +648,7 @@ char *job_info_json(Job *job)
     json_append_member_uint(out, "len", job->len);
     json_append_member_uint(out, "speed", job->limit.speed);
     json_append_member_uint(out, "copied", job->copied);
+    job_append_rate_json(job, out);
     json_append_member_string(out, "error", job->error);
     g_string_append_c(out, '}');
     return g_string_free(out, FALSE);

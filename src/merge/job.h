@@ -40,6 +40,7 @@
 #include <stdint.h>
 #include <glib.h>
 
+#include "job-rate.h"
 #include "merge.h"
 
 #ifndef container_of
@@ -135,6 +136,7 @@ struct Job {
     uint64_t offset;      /* progress, 0 <= offset <= len */
     uint64_t len;
     uint64_t copied;      /* bytes actually written by this run */
+    JobRate rate;         /* recent pace of offset and copied */
     int err;              /* errno of the error, 0 none */
     char *error;          /* message of the error, NULL none */
     char *stop_error;     /* on-error=stop: becomes error when the pause
@@ -235,7 +237,10 @@ int job_wait_complete(Job *job, int64_t timeout_us);
 bool job_is_cancelled(Job *job);
 bool job_is_interrupted(Job *job);
 
-/* {"id","type","state",...}; newly allocated. */
+/* {"id","type","state",...,"rate","eta"}; newly allocated.  rate: bytes
+ * written per second lately (job-rate.h), 0 unless running or ready; eta:
+ * seconds left at the recent pace of progress, null when not running or
+ * not known. */
 char *job_info_json(Job *job);
 
 #endif

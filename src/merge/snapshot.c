@@ -173,6 +173,13 @@ static bool snapshot_idle(Chain *chain, void *opaque, GError **error)
         g_prefix_error(error, "cannot open snapshot %s: ", file);
         goto fail_unlink;
     }
+    /* The disk keeps its owner and mode (libvirt's chown of the export):
+     * the overlay takes the active layer's before it becomes it. */
+    if (!chain_image_copy_owner(old_top, img, error)) {
+        g_prefix_error(error, "cannot snapshot %s: ", chain->name);
+        image_set_release(chain->set, img);
+        goto fail_unlink;
+    }
     merge_crash_point("snapshot-created");
 
     chain_topo_wrlock(chain);

@@ -315,13 +315,24 @@ bool commit_prepare_base_locked(Chain *chain, ChainImage *top,
     return true;
 }
 
-/* commit_prepare_base_locked under the topology write lock. */
+/* commit_prepare_base_locked under the topology write lock, which drains
+ * guest I/O: taken only when base must grow or be zeroed (asked first
+ * under the read lock), so that most commits never stall the guest. */
 static bool commit_prepare_base(Chain *chain, ChainImage *top,
                                 ChainImage *base, uint64_t size,
                                 GError **error)
 {
     bool ok;
+    int top_idx;
 
+    chain_topo_rdlock(chain);
+    top_idx = merge_layer_index(chain, top);
+    ok = top_idx >= 0 && base->virtual_size >= size &&
+         commit_exposed_end(chain, top_idx, false, base) <= top->virtual_size;
+    chain_topo_unlock(chain);
+    if (ok) {
+        return true;
+    }
     chain_topo_wrlock(chain);
     ok = commit_prepare_base_locked(chain, top, base, size, false, error);
     chain_topo_unlock(chain);

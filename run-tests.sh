@@ -73,6 +73,8 @@ tsan_tests=(
   tests/test_merge_commit.py::test_commit_cancel_resumes_from_checkpoint
   tests/test_daemon_robust.py::test_sigterm_exits_clean
   tests/test_chainctl_online.py::test_commit_active_pivot
+  tests/test_daemon_counters.py::test_concurrent_writers_leave_nothing_in_flight
+  tests/test_dirty_repair.py::test_commit_into_dirty_base_repairs_it_first
 )
 # GLib's futex locks are invisible to TSan: preload pthread ones (see
 # tests/tsan/glib-locks.c).  tests/tsan.supp names only GLib and libfuse.

@@ -4,22 +4,26 @@
 # BUILD_DIR=build-tsan TSAN=1 builds with ThreadSanitizer (clang).
 # BUILD_DIR=build-fuzz FUZZ=1 builds the libFuzzer targets (clang,
 #   -Dfuzzing=true: every library with coverage, ASan and UBSan).
+# Every build here is a test build: crash points on (-Dcrash_points=true).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 dir=${BUILD_DIR:-build}
 if [ ! -f "$dir/build.ninja" ]; then
   if [ "${SANITIZE:-0}" = 1 ]; then
-    meson setup "$dir" -Db_sanitize=address,undefined -Db_lundef=false >/dev/null
+    meson setup "$dir" -Dcrash_points=true -Db_sanitize=address,undefined -Db_lundef=false >/dev/null
   elif [ "${TSAN:-0}" = 1 ]; then
     # clang, as for the fuzz build.  It calls a g_autoptr(GMutexLocker)
     # scoped lock an unused variable; the gcc builds keep that warning.
-    CC=${CC:-clang} meson setup "$dir" -Db_sanitize=thread -Db_lundef=false \
+    CC=${CC:-clang} meson setup "$dir" -Dcrash_points=true -Db_sanitize=thread -Db_lundef=false \
       -Dc_args=-Wno-unused-variable >/dev/null
   elif [ "${FUZZ:-0}" = 1 ]; then
-    CC=${CC:-clang} meson setup "$dir" -Dfuzzing=true -Db_lundef=false >/dev/null
+    CC=${CC:-clang} meson setup "$dir" -Dcrash_points=true -Dfuzzing=true -Db_lundef=false >/dev/null
   else
-    meson setup "$dir" >/dev/null
+    meson setup "$dir" -Dcrash_points=true >/dev/null
   fi
+elif ! meson configure "$dir" 2>/dev/null | grep -qE '^ *crash_points +true'; then
+  # A build directory configured before the option existed.
+  meson configure "$dir" -Dcrash_points=true >/dev/null
 fi
 if [ "${FUZZ:-0}" = 1 ]; then
   # Only the fuzz targets: the rest of that build is the ASan build again.

@@ -4,6 +4,7 @@
 set -euo pipefail
 pkgs=(build-essential libfuse3-dev fuse3 libglib2.0-dev zlib1g-dev meson ninja-build
       pkg-config qemu-utils python3-pytest attr fio qemu-system-common
+      qemu-system-x86 seabios    # tests/test_guest_qemu.py: a TCG guest on the export
       clang libclang-rt-14-dev   # ThreadSanitizer and libFuzzer builds
       e2fsprogs mount util-linux # loop-mounted ext4, chattr, setpriv, mount -T
       debhelper dpkg-dev         # the .deb (tests/test_install.py)

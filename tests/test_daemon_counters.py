@@ -16,11 +16,12 @@ import json
 import mmap
 import os
 import re
+import subprocess
 import threading
 
 import pytest
 
-from helpers import (KiB, MiB, FaultInjector, create_qcow2, getxattr, job_info, mounted,
+from helpers import (CHAINCTL, KiB, MiB, FaultInjector, create_qcow2, getxattr, job_info, mounted,
                      qemu_img_check, qemu_io, run, setxattr, wait_for)
 from qcow2craft import HDR_INCOMPAT, INCOMPAT_CORRUPT, Qcow2
 from test_chainctl_common import build_chain, ctl_ok
@@ -294,13 +295,34 @@ def test_xattr_agrees_with_control(image_dir, mountpoint):
 # ------------------------------------------------------------------- jobs
 
 RATE_LINE = re.compile(r"Rate: [0-9.]+ (B|KiB|MiB|GiB)/s    Time left: (\d+:\d\d:\d\d|unknown)")
+# A line with a pace known: a rate above 0 and a time left.
+PACED_LINE = re.compile(r"Rate: ([0-9.]+) (B|KiB|MiB|GiB)/s    Time left: \d+:\d\d:\d\d")
+PROGRESS_LINE = re.compile(r"Block Commit: \[ *(\d+) %\]")
+
+
+def paced(line):
+    m = PACED_LINE.search(line)
+    return bool(m) and float(m.group(1)) > 0
+
+
+def rate_bound(speed):
+    """The most a job limited to speed bytes/s can show as its rate: over
+    dt (at least the half second an estimate needs) it writes speed * dt,
+    plus what it may write before paying (a MERGE_CHUNK of 1 MiB for each
+    of the 3 copy workers, as each pays after its write), plus the debt of
+    one request charged in full (1 MiB) and the bucket's tenth of a
+    second of credit."""
+    return speed + (4 * MiB + speed / 10) / 0.5
 
 
 @pytest.fixture
 def slow_chain(image_dir, mount):
-    """A mounted 4-layer chain with 16 MiB of data in snap2: an
-    intermediate commit of it at 1 MiB/s copies for 16 s at least."""
-    build_chain(image_dir, big=16 * MiB, big_layer="snap2.qcow2")
+    """A mounted 4-layer chain of 16 MiB, all of it data in snap2 (so that
+    every 1 MiB window of a commit is one request and progress moves
+    steadily).  An intermediate commit of it at 256 KiB/s runs for 47 s
+    at least (16 MiB less the 4.1 MiB it may write ahead of paying): the
+    tests below read it running and then abort it, never wait for it."""
+    build_chain(image_dir, size=16 * MiB, big=16 * MiB, big_layer="snap2.qcow2")
     m = mount(wait_export="vm1")
     return m.path("vm1"), m
 
@@ -309,17 +331,15 @@ def test_slow_job_shows_rate_and_eta(slow_chain):
     exp, m = slow_chain
     info = job_info(exp)
     assert info == {}
-    setxattr(exp, "user.chainfs.commit", "top=snap2.qcow2 base=base.qcow2 bandwidth=1M")
+    setxattr(exp, "user.chainfs.commit", "top=snap2.qcow2 base=base.qcow2 bandwidth=256K")
 
-    def paced():
+    def pace_known():
         j = job_info(exp)
-        assert j["state"] == "running", j   # 16 s of copying at least
+        assert j["state"] == "running", j   # 47 s of copying at least
         return j if j["rate"] > 0 and j["eta"] is not None else None
-    j = wait_for(paced, timeout=60, what="a rate and an eta")
-    # Bounded by the limit: 1 MiB/s, plus what the copy workers may write
-    # before they pay for it (a 1 MiB request each, 3 of them), seen over
-    # at least the half second an estimate needs.
-    assert 0 < j["rate"] <= 1 * MiB + 4 * MiB / 0.5, j
+    j = wait_for(pace_known, timeout=30, what="a rate and an eta")
+    assert j["speed"] == 256 * KiB, j
+    assert 0 < j["rate"] <= rate_bound(256 * KiB), j
     assert j["eta"] >= 1, j
     # .control shows the same job with its pace.
     job = {e["name"]: e for e in control_status(m)["exports"]}["vm1"]["job"]
@@ -341,20 +361,55 @@ def test_slow_job_shows_rate_and_eta(slow_chain):
     assert ended["state"] == "cancelled" and ended["rate"] == 0 and ended["eta"] is None
 
 
-def test_commit_verbose_prints_rate_and_eta(image_dir, mount):
+def test_commit_verbose_prints_rate_and_eta(image_dir, mount, tmp_path):
     """commit --wait --verbose, as virsh blockcommit --verbose, with the
     rate and the time left on each progress line of the running job, and
-    [100 %] alone last.  8 MiB at 2 MiB/s: 4 s of copying at least, so
-    lines come after the first estimate."""
-    build_chain(image_dir, big=8 * MiB, big_layer="snap2.qcow2")
+    [100 %] alone last.
+
+    chainctl prints a line when the percentage it polls has changed, so
+    which lines there are depends on when it polls; the first half second
+    has no estimate yet ("Rate: 0 B/s    Time left: unknown"), and the
+    copy workers' first writes (each pays for its own after writing) can
+    take progress past several percent in that time.  So the test reads
+    the lines as chainctl prints them, from a commit of 32 MiB of data at
+    1 MiB/s (28 s at least, and progress moving every window of 1 MiB), and
+    once a line shows a rate and a time left it lifts the limit
+    (job --speed 0), so that the commit then ends soon."""
+    build_chain(image_dir, size=32 * MiB, big=32 * MiB, big_layer="snap2.qcow2")
     m = mount(wait_export="vm1")
     exp = m.path("vm1")
-    out = ctl_ok("commit", exp, "--top", "snap2.qcow2", "--base", "base.qcow2",
-                 "--bandwidth", "2", "--wait", "--verbose")
-    lines = out.splitlines()
+    lines = []
+    lifted = False
+    with open(tmp_path / "chainctl.err", "w+") as err:
+        proc = subprocess.Popen(
+            [CHAINCTL, "commit", exp, "--top", "snap2.qcow2", "--base", "base.qcow2",
+             "--bandwidth", "1", "--wait", "--verbose"],
+            stdout=subprocess.PIPE, stderr=err, stdin=subprocess.DEVNULL, text=True)
+        try:
+            for line in proc.stdout:
+                lines.append(line.rstrip("\n"))
+                if not lifted and paced(line):
+                    # Still copying: that line came from a running job
+                    # that has 28 s of copying at 1 MiB/s.
+                    ctl_ok("job", exp, "--speed", "0")
+                    lifted = True
+            rc = proc.wait(timeout=120)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            proc.stdout.close()
+        err.seek(0)
+        stderr = err.read()
+    out = "\n".join(lines)
+    assert rc == 0, "chainctl: rc=%d\nstdout: %s\nstderr: %s" % (rc, out, stderr)
+    assert lifted, "no line with a rate and a time left:\n" + out
     progress = [l for l in lines if l.startswith("Block Commit: [")]
     assert progress[-1] == "Block Commit: [100 %]", out
     running = progress[:-1]
     assert running and all(RATE_LINE.search(l) for l in running), out
-    assert any(re.search(r"Time left: \d+:\d\d:\d\d", l) for l in running), out
-    assert lines[-1] == "Commit complete"
+    percents = [int(PROGRESS_LINE.match(l).group(1)) for l in running]
+    assert percents == sorted(set(percents)) and percents[-1] <= 99, out
+    assert lines[-1] == "Commit complete", out
+    assert job_info(exp)["state"] == "completed"
+    qemu_img_check(image_dir / "base.qcow2")

@@ -719,7 +719,16 @@ static void chainfs_getxattr(fuse_req_t req, fuse_ino_t ino, const char *name,
     const char *attr = chainfs_attr_suffix(name);
     g_autofree char *value = NULL;
 
-    if (e && attr) {
+    /* A name outside user.chainfs.* is one no file here can hold: ENOTSUP,
+     * as setxattr answers, not ENODATA ("not set yet").  libvirt's DAC
+     * driver reads trusted.libvirt.security.ref_dac first and, told
+     * ENODATA, goes on to set it and fails the domain start on the
+     * ENOTSUP; told ENOTSUP, it skips remembering the owner. */
+    if (!attr) {
+        fuse_reply_err(req, ENOTSUP);
+        return;
+    }
+    if (e) {
         value = ctl_read_attribute(d, e, attr);
     }
     if (!value) {

@@ -612,7 +612,11 @@ int job_wait_complete(Job *job, int64_t timeout_us)
 /* "rate" and "eta" of job_info_json.  job->lock held. */
 static void job_append_rate_json(Job *job, GString *out)
 {
-    bool running = job->status == JOB_STATUS_RUNNING;
+    /* PENDING shows as "running" too: copied all, finishing (a commit
+     * dropping its layers), so its pace is its last one and nothing is
+     * left.  CREATED and ABORTING have none: not copying yet, or no more. */
+    bool running = job->status == JOB_STATUS_RUNNING ||
+                   job->status == JOB_STATUS_PENDING;
     double copy_rate = 0, progress_rate = 0;
 
     if (running || job->status == JOB_STATUS_READY) {
@@ -621,7 +625,9 @@ static void job_append_rate_json(Job *job, GString *out)
     }
     json_append_member_uint(out, "rate", (uint64_t)copy_rate);
     json_append_key(out, "eta");
-    if (running && job->offset >= job->len) {
+    /* len 0: the driver has not set its length yet (it does first thing
+     * in run), so "at the end" would be a lie; not known. */
+    if (running && job->len > 0 && job->offset >= job->len) {
         g_string_append(out, "0");
     } else if (running && progress_rate > 0) {
         /* Rounded up: a job with a byte left has a second left. */

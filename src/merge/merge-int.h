@@ -250,7 +250,10 @@ bool commit_prepare_base_locked(Chain *chain, ChainImage *top,
                                 GError **error);
 
 /*
- * Crash points, a TEST HOOK (merge.c): with CHAINFS_CRASH_AT=NAME or
+ * Crash points, a TEST HOOK (merge.c), compiled in only with meson's
+ * -Dcrash_points=true (CHAINFS_CRASH_POINTS; scripts/build.sh sets it for
+ * the test builds; a packaged or default build has none, and a call
+ * compiles to nothing): with CHAINFS_CRASH_AT=NAME or
  * NAME:N in the environment, the process raise(SIGKILL)s itself the N-th
  * time (default the first) any thread reaches merge_crash_point(NAME), so
  * that a test can crash a job at an exact step of its crash-safe order and
@@ -292,7 +295,18 @@ bool commit_prepare_base_locked(Chain *chain, ChainImage *top,
     "active-pivot-recorded", "active-dropped", "stream-copy", \
     "stream-flushed", "stream-rewritten", "stream-recorded", \
     "snapshot-created", "snapshot-flushed", "snapshot-recorded"
+#ifdef CHAINFS_CRASH_POINTS
 void merge_crash_point(const char *name);
+void merge_crash_init(void);
+#else
+static inline void merge_crash_point(const char *name)
+{
+    (void)name;
+}
+static inline void merge_crash_init(void)
+{
+}
+#endif
 
 /* Run fn under chain's job slot lock, refusing EBUSY "cannot WHAT: a job
  * is already ..." while a job is live: no job can start until fn returns.

@@ -19,13 +19,14 @@
 #include "merge-int.h"
 
 /* ---- crash points (a test hook, see merge-int.h) ------------------------ */
+#ifdef CHAINFS_CRASH_POINTS
 
 /* Set once by merge_crash_init(), before any job thread exists; read-only
  * afterwards.  NULL: no crash point armed (the normal case). */
 static char *crash_at;
 static gint crash_countdown;
 
-static void merge_crash_init(void)
+void merge_crash_init(void)
 {
     static gsize once;
     static const char *const known[] = { MERGE_CRASH_POINTS, NULL };
@@ -72,6 +73,7 @@ void merge_crash_point(const char *name)
         raise(SIGKILL);
     }
 }
+#endif /* CHAINFS_CRASH_POINTS */
 
 /* ---- the context -------------------------------------------------------- */
 

@@ -33,6 +33,28 @@ static void test_no_estimate_at_start(void)
     g_assert_cmpfloat(progress, ==, 0);
 }
 
+/* The first estimate comes JOB_RATE_MIN_US after the first note, however
+ * much was copied before (the copy workers' first writes, paid for after
+ * they are made, can be megabytes in a few milliseconds), and it is
+ * measured from that note with the values of now, not from the last note
+ * kept: notes closer than JOB_RATE_SPACING_US are not kept. */
+static void test_first_estimate_at_min_time(void)
+{
+    JobRate r;
+    double copy, progress;
+
+    job_rate_reset(&r);
+    job_rate_note(&r, 0, 0, 0);
+    job_rate_note(&r, 10 * MS, 1048576, 3145728);
+    g_assert_false(job_rate_estimate(&r, JOB_RATE_MIN_US - 1, 1048576,
+                                     3145728, &copy, &progress));
+    g_assert_cmpfloat(copy, ==, 0);
+    g_assert_true(job_rate_estimate(&r, JOB_RATE_MIN_US, 2097152, 4194304,
+                                    &copy, &progress));
+    g_assert_cmpfloat_with_epsilon(copy, 4194304 / 0.5, 1.0);
+    g_assert_cmpfloat_with_epsilon(progress, 2097152 / 0.5, 1.0);
+}
+
 static void test_steady_rate(void)
 {
     JobRate r;
@@ -103,6 +125,8 @@ int main(int argc, char **argv)
 {
     g_test_init(&argc, &argv, NULL);
     g_test_add_func("/job-rate/no-estimate-at-start", test_no_estimate_at_start);
+    g_test_add_func("/job-rate/first-estimate-at-min-time",
+                    test_first_estimate_at_min_time);
     g_test_add_func("/job-rate/steady", test_steady_rate);
     g_test_add_func("/job-rate/recent-window", test_recent_window);
     g_test_add_func("/job-rate/gap-starts-over", test_gap_starts_over);

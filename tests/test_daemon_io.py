@@ -142,10 +142,11 @@ def test_dd_and_two_exports_at_once(image_dir, mountpoint, tmp_path):
 
 
 def test_size_is_fixed(vm, image_dir, mountpoint):
+    # Growing is a resize (tests/test_daemon_resize.py); shrinking never.
     with mounted(image_dir, mountpoint) as m:
         exp = m.path("vm")
         with pytest.raises(OSError) as ei:
-            os.truncate(exp, SIZE + MiB)
+            os.truncate(exp, SIZE - MiB)
         assert ei.value.errno == errno.EPERM
         with pytest.raises(OSError) as ei:
             os.truncate(exp, 0)

@@ -27,6 +27,11 @@ sanitizer's runtime goes first in LD_PRELOAD); it is `slow`, so the
 sanitizer run of run-tests.sh skips it for time.  Crash states are also
 hostile input for the mount: a sanitizer report there fails the test.
 
+Two cases commit a layer into a base that must zero what the commit would
+otherwise expose (issue 11): a base that grows over a longer backing file,
+and a base that takes the place of a shorter middle layer.  A live resize
+is replayed in tests/test_daemon_resize.py (the export changes size).
+
 A further case (cluster reuse, bitmaps, repair: issue 11) is one more entry
 in CASES: a build, the job, and the chains it may leave.
 """
@@ -139,6 +144,34 @@ def job_commit_grow(exp, guest):
     wait_job(exp, ("completed",))
 
 
+def build_commit_grow_over_longer(d):
+    # base shorter than its own backing file, which holds data past base's
+    # end: the grow must zero that range in base (issue 11).
+    create_qcow2(d / "bottom.qcow2", 2 * SIZE)
+    pattern_fill(d / "bottom.qcow2", "qcow2", (0xbb, 0, 2 * SIZE))
+    create_qcow2(d / "base.qcow2", 2 * MiB, backing="bottom.qcow2")
+    pattern_fill(d / "base.qcow2", "qcow2", (1, 0, 1 * MiB))
+    create_qcow2(d / "mid.qcow2", SIZE, backing="base.qcow2")
+    pattern_fill(d / "mid.qcow2", "qcow2", (2, 1 * MiB, 2 * MiB))
+    create_qcow2(d / "vm.qcow2", backing="mid.qcow2")
+
+
+def build_commit_short_middle(d):
+    # mid shorter than the layers above: past its end the disk reads zeros,
+    # and must still once base (full of data there) takes mid's place.
+    create_qcow2(d / "base.qcow2", SIZE)
+    pattern_fill(d / "base.qcow2", "qcow2", (0xbb, 0, SIZE))
+    create_qcow2(d / "mid.qcow2", 2 * MiB, backing="base.qcow2")
+    pattern_fill(d / "mid.qcow2", "qcow2", (2, 512 * KiB, 1 * MiB))
+    create_qcow2(d / "vm.qcow2", SIZE, backing="mid.qcow2")
+
+
+def job_commit_mid_into_base(exp, guest):
+    start(exp, "commit", "top=mid.qcow2 base=base.qcow2 delete")
+    guest.round(8)
+    wait_job(exp, ("completed",))
+
+
 def build_two_layers(d):
     create_qcow2(d / "base.qcow2", SIZE)
     pattern_fill(d / "base.qcow2", "qcow2", (1, 0, 3 * MiB))
@@ -188,6 +221,12 @@ CASES = [
           ["vm-snap1.qcow2", "vm.qcow2", "base.img"],
           ["vm-snap2.qcow2", "vm-snap1.qcow2", "vm.qcow2", "base.img"]]),
     Case("commit-grow", build_commit_grow, job_commit_grow,
+         [["vm.qcow2", "mid.qcow2", "base.qcow2"], ["vm.qcow2", "base.qcow2"]]),
+    Case("commit-grow-over-longer", build_commit_grow_over_longer,
+         job_commit_mid_into_base,
+         [["vm.qcow2", "mid.qcow2", "base.qcow2", "bottom.qcow2"],
+          ["vm.qcow2", "base.qcow2", "bottom.qcow2"]]),
+    Case("commit-short-middle", build_commit_short_middle, job_commit_mid_into_base,
          [["vm.qcow2", "mid.qcow2", "base.qcow2"], ["vm.qcow2", "base.qcow2"]]),
     Case("active-commit", build_two_layers, job_active_commit,
          [["vm.qcow2", "base.qcow2"], ["base.qcow2"]]),

@@ -307,3 +307,30 @@ int ctl_offline_snapshot(const char *path, const char *file)
            o.chain->name);
     return CTL_EXIT_OK;
 }
+
+/* ---- resize -------------------------------------------------------- */
+
+int ctl_offline_resize(const char *path, const CtlResizeArgs *a)
+{
+    g_auto(CtlOffline) o = { 0 };
+    g_autoptr(GError) err = NULL;
+    uint64_t cur, target;
+    int r;
+
+    if (!ctl_offline_open(&o, path, true, true)) {
+        return CTL_EXIT_FAIL;
+    }
+    cur = chain_layer(o.chain, 0)->virtual_size;
+    r = ctl_resize_target(a, cur, path, &target);
+    if (r != CTL_EXIT_OK) {
+        return r;
+    }
+    /* The same grow as a mounted chain's (merge_resize); closing the
+     * chain flushes it. */
+    if (!merge_resize(o.merge, o.chain, target, NULL, &err)) {
+        return ctl_fail("%s", err->message);
+    }
+    printf("Resized %s from %" G_GUINT64_FORMAT " to %" G_GUINT64_FORMAT
+           " bytes\n", chain_layer(o.chain, 0)->name, cur, target);
+    return CTL_EXIT_OK;
+}

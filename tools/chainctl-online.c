@@ -839,3 +839,45 @@ int ctl_online_snapshot(const char *path, const char *file)
     printf("Snapshot %s created: now the active layer of %s\n", file, name);
     return CTL_EXIT_OK;
 }
+
+/* ---- resize -------------------------------------------------------- */
+
+/*
+ * Online, resize is truncate(2) of the export, the call a hypervisor or
+ * `truncate -s` makes too; the daemon grows the active layer
+ * (fuse-ops.c) and leaves the reason of a refusal in last_error.
+ */
+int ctl_online_resize(const char *path, const CtlResizeArgs *a)
+{
+    g_autofree char *name = ctl_export_name(path);
+    g_autofree char *before = ctl_xattr_get(path, "last_error");
+    g_autofree char *after = NULL;
+    struct stat st;
+    uint64_t target;
+    int r, err;
+
+    if (stat(path, &st) < 0) {
+        return ctl_fail("%s: %s", path, g_strerror(errno));
+    }
+    r = ctl_resize_target(a, (uint64_t)st.st_size, name, &target);
+    if (r != CTL_EXIT_OK) {
+        return r;
+    }
+    if (target > (uint64_t)INT64_MAX) {
+        return ctl_fail("%s: %" PRIu64 " bytes is too large", name, target);
+    }
+    do {
+        r = truncate(path, (off_t)target);
+    } while (r < 0 && errno == EINTR);
+    if (r < 0) {
+        err = errno;
+        after = ctl_xattr_get(path, "last_error");
+        if (after && after[0] && g_strcmp0(before, after) != 0) {
+            return ctl_fail("%s", after);
+        }
+        return ctl_fail("resize of %s refused: %s", name, g_strerror(err));
+    }
+    printf("Resized %s from %" PRIu64 " to %" PRIu64 " bytes\n", name,
+           (uint64_t)st.st_size, target);
+    return CTL_EXIT_OK;
+}

@@ -9,6 +9,7 @@
  *     chainctl stream     MOUNTPOINT/NAME | IMAGE  [--base F] [--bandwidth N]
  *                         [--wait] [--verbose]
  *     chainctl map        MOUNTPOINT/NAME | IMAGE  [--width N] [--json]
+ *     chainctl resize     MOUNTPOINT/NAME | IMAGE  [+]SIZE [--shrink]
  *
  * This file parses the command line (one GOptionContext per subcommand),
  * tells an export from an image file, and hands over to chainctl-online.c
@@ -319,6 +320,8 @@ static const struct {
       "Draw where each layer holds data and what a commit of it copies." },
     { "events", "[MOUNTPOINT[/NAME]]",
       "Print job, snapshot and other events of a mount as they come." },
+    { "resize", "MOUNTPOINT/NAME | IMAGE SIZE",
+      "Grow the disk; the new range reads as zeros." },
 };
 
 static void ctl_print_usage(FILE *out)
@@ -947,6 +950,93 @@ static int ctl_cmd_map(int argc, char **argv)
     return ctl_map(argv[1], r == 1, &a);
 }
 
+/* ---- resize -------------------------------------------------------- */
+
+int ctl_resize_target(const CtlResizeArgs *a, uint64_t cur, const char *name,
+                      uint64_t *target)
+{
+    uint64_t t = a->size;
+
+    if (a->sign > 0) {
+        if (cur > UINT64_MAX - a->size) {
+            return ctl_fail("%s: +%" PRIu64 " bytes is too large", name,
+                            a->size);
+        }
+        t = cur + a->size;
+    } else if (a->sign < 0) {
+        if (a->size >= cur) {
+            return ctl_fail("%s: cannot shrink by %" PRIu64 " bytes: the "
+                            "disk has %" PRIu64, name, a->size, cur);
+        }
+        t = cur - a->size;
+    }
+    if (t < cur && !a->shrink) {
+        return ctl_fail("%s: %" PRIu64 " bytes is smaller than the disk (%"
+                        PRIu64 " bytes); use --shrink to shrink it", name,
+                        t, cur);
+    }
+    if (t < cur) {
+        return ctl_fail("%s: shrinking is not supported by chainfs (the disk "
+                        "has %" PRIu64 " bytes); qemu-img resize --shrink "
+                        "does it offline", name, cur);
+    }
+    *target = t;
+    return CTL_EXIT_OK;
+}
+
+static int ctl_cmd_resize(int argc, char **argv)
+{
+    gboolean help = FALSE, shrink = FALSE;
+    GOptionEntry entries[] = {
+        { "shrink", 0, 0, G_OPTION_ARG_NONE, &shrink,
+          "Allow a smaller size (as qemu-img; chainfs refuses the shrink "
+          "itself)", NULL },
+        { "help", 'h', 0, G_OPTION_ARG_NONE, &help, "Show this help", NULL },
+        { NULL },
+    };
+    g_autoptr(GOptionContext) ctx = ctl_context_new(
+        "resize", "MOUNTPOINT/NAME | IMAGE [+]SIZE",
+        "Grow the disk to SIZE bytes (K, M, G suffixes; +SIZE grows by SIZE),"
+        " as qemu-img resize\nand virsh blockresize do: the active layer "
+        "grows, and the new range reads as zeros\nwhatever the lower layers "
+        "hold.  A mounted chain grows while its guest runs\n(refused while "
+        "a job runs on it).",
+        NULL, entries);
+    CtlResizeArgs a = { 0 };
+    const char *text;
+    int r = ctl_context_parse(ctx, &argc, &argv, &help);
+
+    if (r >= 0) {
+        return r;
+    }
+    /* "resize IMAGE -- -1G" (a SIZE that starts with '-' needs the "--",
+     * which GOption leaves in argv). */
+    if (argc == 4 && strcmp(argv[2], "--") == 0) {
+        argv[2] = argv[3];
+        argc = 3;
+    }
+    if (argc != 3) {
+        return ctl_usage_error(ctx, "resize takes MOUNTPOINT/NAME (or IMAGE) "
+                               "and SIZE");
+    }
+    text = argv[2];
+    if (text[0] == '+' || text[0] == '-') {
+        a.sign = text[0] == '+' ? 1 : -1;
+        text++;
+    }
+    if (!ctl_parse_rate(text, true, &a.size) ||
+        (a.sign == 0 && a.size == 0)) {
+        return ctl_usage_error(ctx, "bad SIZE \"%s\": bytes, with a K, M or "
+                               "G suffix", argv[2]);
+    }
+    a.shrink = shrink;
+    r = ctl_classify(argv[1]);
+    if (r < 0) {
+        return CTL_EXIT_FAIL;
+    }
+    return r ? ctl_online_resize(argv[1], &a) : ctl_offline_resize(argv[1], &a);
+}
+
 /* ---- events -------------------------------------------------------- */
 
 static int ctl_cmd_events(int argc, char **argv)
@@ -1011,6 +1101,9 @@ int main(int argc, char **argv)
     }
     if (strcmp(cmd, "map") == 0) {
         return ctl_cmd_map(argc - 1, argv + 1);
+    }
+    if (strcmp(cmd, "resize") == 0) {
+        return ctl_cmd_resize(argc - 1, argv + 1);
     }
     if (strcmp(cmd, "events") == 0) {
         return ctl_cmd_events(argc - 1, argv + 1);

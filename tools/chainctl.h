@@ -80,7 +80,24 @@ typedef struct {
     double timeout;
 } CtlJobArgs;
 
+/* chainctl resize: SIZE as given ("+N" / "-N": relative), in bytes. */
+typedef struct {
+    uint64_t size;
+    int sign;              /* 0 absolute, +1 grow by size, -1 shrink by it */
+    bool shrink;           /* --shrink given */
+} CtlResizeArgs;
+
 /* ---- chainctl.c: helpers shared by both modes ---------------------- */
+
+/*
+ * The size chainctl resize asks for, given the disk's current size (cur)
+ * and name: CTL_EXIT_OK with *target set, or CTL_EXIT_FAIL after the
+ * message: a smaller size without --shrink (as qemu-img), and with it
+ * (chainfs does not shrink), a relative size out of range.
+ */
+int ctl_resize_target(const CtlResizeArgs *a, uint64_t cur, const char *name,
+                      uint64_t *target);
+
 
 /* Print "chainctl: MESSAGE" as one line on stderr (newlines in the
  * message become spaces); returns CTL_EXIT_FAIL. */
@@ -153,6 +170,7 @@ int ctl_online_commit(const char *path, const CtlCommitArgs *a);
 int ctl_online_stream(const char *path, const CtlStreamArgs *a);
 int ctl_online_job(const char *path, const CtlJobArgs *a);
 int ctl_online_snapshot(const char *path, const char *file);
+int ctl_online_resize(const char *path, const CtlResizeArgs *a);
 
 /* ---- chainctl-events.c: MOUNTPOINT/.events ------------------------ */
 
@@ -178,5 +196,6 @@ int ctl_offline_info(const char *path, bool json);
 int ctl_offline_commit(const char *path, const CtlCommitArgs *a);
 int ctl_offline_stream(const char *path, const CtlStreamArgs *a);
 int ctl_offline_snapshot(const char *path, const char *file);
+int ctl_offline_resize(const char *path, const CtlResizeArgs *a);
 
 #endif

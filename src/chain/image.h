@@ -157,7 +157,12 @@ struct ImageDriver {
      */
     bool (*prepare_writable)(ChainImage *img, int fd, GError **error);
 
-    /* Grow the virtual size (never shrinks).  Durable on return. */
+    /*
+     * Grow the virtual size (never shrinks).  The new range reads as
+     * zeros, whatever img's backing chain holds there (QEMU's truncate
+     * zero-fills it too), and a crash at any point leaves img reading as
+     * before or grown.  Durable on return.
+     */
     bool (*grow)(ChainImage *img, uint64_t new_size, GError **error);
 
     /*
@@ -182,6 +187,29 @@ extern const ImageDriver raw_driver;
  */
 int chain_image_read_below(ChainImage *img, uint64_t offset, void *buf,
                            uint64_t bytes);
+
+/*
+ * Status of [offset, offset+bytes) as img's backing chain shows it BELOW
+ * img (each layer past its end shows zeros and hides what lies below):
+ * BLOCK_DATA (compressed included), BLOCK_ZERO, or BLOCK_UNALLOCATED when
+ * no layer below holds the range or img has no backing file; the run
+ * length in *pnum.  bytes > 0.  Per-layer walk, as chain_image_read_below
+ * reads.  Implemented in image-grow.c.  A BlockStatus or negative errno.
+ */
+int chain_image_status_below(ChainImage *img, uint64_t offset,
+                             uint64_t bytes, uint64_t *pnum);
+
+/*
+ * Make [from, to) of img read as zeros wherever it would not already:
+ * where img itself holds data there, and where img leaves the range
+ * unallocated over a backing chain that shows data.  Ranges that already
+ * read as zeros are not written.  Zero clusters on qcow2 v3, zero data on
+ * v2 (drv->pwrite_zeroes).  img->virtual_size >= to.  Not flushed: the
+ * caller orders it (see qcow2_grow).  Call where no I/O on img runs (the
+ * topology write lock of every chain using it, or offline).  Implemented
+ * in image-grow.c.  0 or negative errno.
+ */
+int chain_image_zero_exposed(ChainImage *img, uint64_t from, uint64_t to);
 
 /*
  * Read [offset, offset+bytes) of the chain as seen from img downward

@@ -720,26 +720,110 @@ static bool qcow2_first_write(ChainImage *img, GError **error)
 }
 
 /*
- * Order: a larger L1 table is written and synced in fresh clusters before
- * the header switches to it (size, l1_size and l1_offset change together
- * in one pwrite of header bytes 24..48); the old table is freed only after
- * that header write was synced.
+ * A larger L1 table, for grow: written and synced in fresh clusters, then
+ * the header switches to it (l1_size and l1_offset together, in one
+ * pwrite of header bytes 36..48; the size stays as it is, and an L1 table
+ * longer than the size needs is valid, for QEMU too), synced; the old
+ * table is freed only after that sync.  A crash before the header write
+ * leaves the old table in use (the new clusters leak); after it, the new
+ * one, which holds the same entries.  meta_lock held.  0 or -errno.
+ */
+static int qcow2_grow_l1(ChainImage *img, uint64_t l1_needed)
+{
+    BDRVQcow2State *s = img->opaque;
+    uint64_t cs = s->cluster_size;
+    uint64_t nbytes = (l1_needed * 8 + cs - 1) & ~(cs - 1);
+    g_autofree uint64_t *t = g_malloc0(nbytes);
+    uint64_t new_off;
+    uint8_t h[12];
+    int ret;
+
+    for (uint32_t i = 0; i < s->l1_size; i++) {
+        t[i] = GUINT64_TO_BE(s->l1_table[i]);
+    }
+    ret = qcow2_alloc_clusters(img, nbytes / cs, &new_off);
+    if (ret == 0 &&
+        !qcow2_meta_add(s, QCOW2_META_L1, new_off, nbytes, NULL)) {
+        ret = qcow2_signal_corruption(img, "new L1 table at host offset %"
+                                      G_GUINT64_FORMAT " lands on "
+                                      "metadata", new_off);
+    }
+    if (ret == 0) {
+        ret = qcow2_pwrite_meta(img, QCOW2_META_L1, t, nbytes, new_off);
+    }
+    if (ret == 0) {
+        ret = qcow2_sync_meta(img);
+    }
+    if (ret < 0) {
+        return ret;
+    }
+    qcow2_put_be32(h, (uint32_t)l1_needed);
+    qcow2_put_be64(h + 4, new_off);
+    ret = qcow2_pwrite_meta(img, QCOW2_META_HEADER, h, sizeof(h), 36);
+    if (ret == 0) {
+        memcpy(s->header_raw + 36, h, sizeof(h));
+        ret = qcow2_sync_meta(img);
+    }
+    if (ret < 0) {
+        return ret;
+    }
+    if (s->l1_size > 0) {
+        qcow2_defer_free(s, s->l1_offset, (uint64_t)s->l1_size * 8);
+        qcow2_meta_remove(s, QCOW2_META_L1, s->l1_offset,
+                          (uint64_t)s->l1_size * 8);
+    }
+    for (uint64_t i = 0; i < l1_needed; i++) {
+        t[i] = GUINT64_FROM_BE(t[i]);
+    }
+    g_free(s->l1_table);
+    s->l1_table = g_steal_pointer(&t);
+    s->l1_size = (uint32_t)l1_needed;
+    s->l1_offset = new_off;
+    return 0;
+}
+
+/*
+ * Grow in three steps, each durable before the next starts, so that a
+ * crash (or a failure) at any point leaves an image that reads exactly as
+ * before (old size, old content) or as grown (new size, the new range
+ * zeros), and so does every export that has it as a layer.  First the
+ * autoclear bits go (qcow2_first_write): a bitmap table sized for the old
+ * size would make QEMU refuse the image, a cleared bit only makes it
+ * ignore the stale bitmaps.  Then:
+ *   1. the L1 table grows when the new size needs more entries
+ *      (qcow2_grow_l1); the size in the header is unchanged.
+ *   2. the new range [old, new) is zeroed wherever it would not read
+ *      zeros (chain_image_zero_exposed): where the backing chain is
+ *      longer and holds data there, zero clusters on v3 and zero data on
+ *      v2, as QEMU's truncate does; then flushed, which writes the L2
+ *      tables only after the data they point to is durable
+ *      (qcow2-cluster.c).  Until step 3 the header still says the old
+ *      size, and nothing reads past it: neither QEMU nor chainfs
+ *      consults this image's L2 entries beyond its size, and a layer
+ *      above reads zeros past our end.  [0, old) is not changed: the
+ *      partial cluster at old is completed from what it showed.
+ *   3. the new size goes into the header (bytes 24..32), synced.  Only
+ *      now is the range visible, and it is zeros on disk already.
+ * Called with the topology write lock of every chain using img held (or
+ * offline): no I/O runs, so virtual_size may be the new size in memory
+ * during step 2 (the write path refuses writes past it).
  */
 static bool qcow2_grow(ChainImage *img, uint64_t new_size, GError **error)
 {
     BDRVQcow2State *s = img->opaque;
     uint64_t cs = s->cluster_size;
     uint64_t l2_span = cs * s->l2_size;
+    uint64_t old_size = img->virtual_size;
     int ret;
 
     /* QEMU sees disks in 512-byte sectors: round up as qemu-img does. */
     new_size = (new_size + 511) & ~511ULL;
-    if (new_size < img->virtual_size) {
+    if (new_size < old_size) {
         chainfs_set_error(error, EINVAL, "%s: cannot shrink a qcow2 image",
                           img->path);
         return false;
     }
-    if (new_size == img->virtual_size) {
+    if (new_size == old_size) {
         return true;
     }
     if (!qcow2_may_write(img, error) || !qcow2_first_write(img, error)) {
@@ -753,73 +837,48 @@ static bool qcow2_grow(ChainImage *img, uint64_t new_size, GError **error)
         return false;
     }
 
+    /* Step 1. */
     g_mutex_lock(&img->meta_lock);
-    if (l1_needed > s->l1_size) {
-        uint64_t nbytes = (l1_needed * 8 + cs - 1) & ~(cs - 1);
-        g_autofree uint64_t *t = g_malloc0(nbytes);
-        uint64_t new_off;
-        uint8_t h[24];
-
-        for (uint32_t i = 0; i < s->l1_size; i++) {
-            t[i] = GUINT64_TO_BE(s->l1_table[i]);
-        }
-        ret = qcow2_alloc_clusters(img, nbytes / cs, &new_off);
-        if (ret == 0 &&
-            !qcow2_meta_add(s, QCOW2_META_L1, new_off, nbytes, NULL)) {
-            ret = qcow2_signal_corruption(img, "new L1 table at host offset %"
-                                          G_GUINT64_FORMAT " lands on "
-                                          "metadata", new_off);
-        }
-        if (ret == 0) {
-            ret = qcow2_pwrite_meta(img, QCOW2_META_L1, t, nbytes, new_off);
-        }
-        if (ret == 0) {
-            ret = qcow2_sync_meta(img);
-        }
-        if (ret == 0) {
-            qcow2_put_be64(h, new_size);
-            qcow2_put_be32(h + 8, 0);
-            qcow2_put_be32(h + 12, (uint32_t)l1_needed);
-            qcow2_put_be64(h + 16, new_off);
-            ret = qcow2_pwrite_meta(img, QCOW2_META_HEADER, h, sizeof(h),
-                                    24);
-            if (ret == 0) {
-                memcpy(s->header_raw + 24, h, sizeof(h));
-                ret = qcow2_sync_meta(img);
-            }
-        }
-        if (ret < 0) {
-            g_mutex_unlock(&img->meta_lock);
-            chainfs_set_error(error, -ret, "%s: cannot grow the L1 table: %s",
-                              img->path, g_strerror(-ret));
-            return false;
-        }
-        if (s->l1_size > 0) {
-            qcow2_defer_free(s, s->l1_offset, (uint64_t)s->l1_size * 8);
-            qcow2_meta_remove(s, QCOW2_META_L1, s->l1_offset,
-                              (uint64_t)s->l1_size * 8);
-        }
-        for (uint64_t i = 0; i < l1_needed; i++) {
-            t[i] = GUINT64_FROM_BE(t[i]);
-        }
-        g_free(s->l1_table);
-        s->l1_table = g_steal_pointer(&t);
-        s->l1_size = (uint32_t)l1_needed;
-        s->l1_offset = new_off;
-    } else {
-        ret = qcow2_write_header_field64(img, 24, new_size);
-        if (ret == 0) {
-            ret = qcow2_sync_meta(img);
-        }
-        if (ret < 0) {
-            g_mutex_unlock(&img->meta_lock);
-            chainfs_set_error(error, -ret, "%s: cannot write the new size: %s",
-                              img->path, g_strerror(-ret));
-            return false;
-        }
-    }
-    img->virtual_size = new_size;
+    ret = l1_needed > s->l1_size ? qcow2_grow_l1(img, l1_needed) : 0;
     g_mutex_unlock(&img->meta_lock);
+    if (ret < 0) {
+        chainfs_set_error(error, -ret, "%s: cannot grow the L1 table: %s",
+                          img->path, g_strerror(-ret));
+        return false;
+    }
+
+    /* Step 2 (block_status and the write path take meta_lock). */
+    img->virtual_size = new_size;
+    ret = chain_image_zero_exposed(img, old_size, new_size);
+    if (ret == 0) {
+        ret = qcow2_flush_and_free(img);
+    }
+    if (ret < 0) {
+        img->virtual_size = old_size;
+        chainfs_set_error(error, -ret, "%s: cannot zero the new range from "
+                          "%" G_GUINT64_FORMAT " to %" G_GUINT64_FORMAT
+                          " bytes: %s", img->path, old_size, new_size,
+                          g_strerror(-ret));
+        return false;
+    }
+
+    /* Step 3. */
+    g_mutex_lock(&img->meta_lock);
+    ret = qcow2_write_header_field64(img, 24, new_size);
+    if (ret == 0) {
+        ret = qcow2_sync_meta(img);
+    }
+    g_mutex_unlock(&img->meta_lock);
+    if (ret < 0) {
+        /* The header on disk may say either size; both read the same. */
+        if (s->header_len >= 32) {
+            qcow2_put_be64(s->header_raw + 24, old_size);
+        }
+        img->virtual_size = old_size;
+        chainfs_set_error(error, -ret, "%s: cannot write the new size: %s",
+                          img->path, g_strerror(-ret));
+        return false;
+    }
     return true;
 }
 

@@ -193,6 +193,12 @@ static int raw_flush(ChainImage *img)
     return chain_image_datasync(img);
 }
 
+/*
+ * A raw image has no backing file, and the range ftruncate() adds reads as
+ * zeros: nothing below can show through it (image.h's promise for grow).
+ * The size is the file's, so it changes with the one ftruncate: a crash
+ * leaves the old size or the new one, both reading as the guest saw.
+ */
 static bool raw_grow(ChainImage *img, uint64_t new_size, GError **error)
 {
     if (new_size <= img->virtual_size) {

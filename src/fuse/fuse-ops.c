@@ -199,6 +199,36 @@ static bool export_set_owner(Export *e, const struct stat *attr, int to_set,
  * active layer (export_set_owner); times are kept in memory for the life
  * of the mount, as a disk file would take them.
  */
+/*
+ * truncate(2) of an export to another size (as `virsh blockresize` or
+ * `qemu-img resize` would): a larger size grows the chain's active layer,
+ * the new range reading as zeros (merge_resize); a smaller one is EPERM, a
+ * read-only export refuses any size change with EROFS, a live job on the
+ * chain with EBUSY.  A refusal leaves its message in last_error.  0 or an
+ * errno.
+ */
+static int export_resize(Daemon *d, Export *e, uint64_t size)
+{
+    g_autoptr(GError) err = NULL;
+    uint64_t old_size = 0;
+
+    if (!export_writable(e)) {
+        chainfs_set_error(&err, EROFS, "cannot resize %s: the export is "
+                          "read-only", e->name);
+    } else {
+        merge_resize(d->merge, e->chain, size, &old_size, &err);
+    }
+    if (err) {
+        export_set_last_error(e, "resize", err);
+        return chainfs_error_errno(err);
+    }
+    chainfs_log(G_LOG_LEVEL_MESSAGE, e->name, NULL, "resized from %"
+                G_GUINT64_FORMAT " to %" G_GUINT64_FORMAT " bytes", old_size,
+                size);
+    export_touch_content(e);
+    return 0;
+}
+
 static void chainfs_setattr(fuse_req_t req, fuse_ino_t ino, struct stat *attr,
                             int to_set, struct fuse_file_info *fi)
 {
@@ -219,9 +249,12 @@ static void chainfs_setattr(fuse_req_t req, fuse_ino_t ino, struct stat *attr,
     }
     if ((to_set & FUSE_SET_ATTR_SIZE) &&
         (uint64_t)attr->st_size != chain_size(e->chain)) {
-        /* A read-only export refuses any size change as such. */
-        fuse_reply_err(req, export_writable(e) ? EPERM : EROFS);
-        return;
+        int err = export_resize(d, e, (uint64_t)attr->st_size);
+
+        if (err) {
+            fuse_reply_err(req, err);
+            return;
+        }
     }
     if ((to_set & (FUSE_SET_ATTR_MODE | FUSE_SET_ATTR_UID |
                    FUSE_SET_ATTR_GID)) && !export_set_owner(e, attr, to_set, req)) {

@@ -319,8 +319,10 @@ static int active_pass(ActiveCommitJob *s)
 
 /* ---- the job ------------------------------------------------------------- */
 
-/* Step 1, first half: base grows to the export's size and the hook goes
- * in, under a short write lock. */
+/* Step 1, first half: base grows to the export's size, is zeroed where it
+ * would show data past top's end after the pivot
+ * (commit_prepare_base_locked), and the hook goes in, under a short write
+ * lock. */
 static int active_install_hook(ActiveCommitJob *s)
 {
     MergeJob *mj = &s->common;
@@ -328,11 +330,10 @@ static int active_install_hook(ActiveCommitJob *s)
     g_autoptr(GError) err = NULL;
 
     chain_topo_wrlock(chain);
-    if (mj->base->virtual_size < mj->size &&
-        !mj->base->drv->grow(mj->base, mj->size, &err)) {
+    if (!commit_prepare_base_locked(chain, mj->top, mj->base, mj->size, true,
+                                    &err)) {
         chain_topo_unlock(chain);
-        return merge_job_fail(mj, -chainfs_error_errno(err),
-                              "cannot grow %s: %s", mj->base->name,
+        return merge_job_fail(mj, -chainfs_error_errno(err), "%s",
                               err->message);
     }
     chain->write_hook = active_write_hook;

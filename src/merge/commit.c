@@ -240,22 +240,101 @@ void commit_estimate_clear(CommitEstimate *e)
 }
 
 
-/* Base smaller than top's view: grow it first (topology write lock). */
-static bool commit_grow_base(Chain *chain, ChainImage *base, uint64_t size,
-                             GError **error)
+/*
+ * Where the layers that will see base in top's place stop looking past
+ * top's end: the smallest size of the layers above top, or base's own end
+ * when base becomes the active layer (active commit).  Topology lock held.
+ */
+static uint64_t commit_exposed_end(Chain *chain, int top_idx, bool active,
+                                   ChainImage *base)
 {
-    bool ok = true;
+    uint64_t end = base->virtual_size;
 
-    if (base->virtual_size >= size) {
+    if (top_idx == 0 && !active) {
+        /* Offline commit of the top: it stays above base and its end
+         * hides base's. */
+        return 0;
+    }
+    for (int i = 0; i < top_idx; i++) {
+        end = MIN(end, chain_layer(chain, (guint)i)->virtual_size);
+    }
+    return end;
+}
+
+/*
+ * The zeros past top's end go into base and are flushed here, before the
+ * copy starts, and so before any backing reference names base in top's
+ * place (commit_finish flushes base once more and only then rewrites;
+ * the pivot likewise).  Until that rewrite the layers above top read
+ * zeros past top's end without consulting base, so a crash, cancel or
+ * failure at any point leaves every export reading as before.  The range
+ * zeroed, [top's end, ...), is disjoint from the range the copy fills
+ * ([0, top's end)), so a resumed commit, which comes here again, writes
+ * only zeros over zeros and never undoes copied data.  Guests cannot
+ * write there either: the export ends at the active layer's size, and a
+ * resize is refused while a job runs.
+ */
+bool commit_prepare_base_locked(Chain *chain, ChainImage *top,
+                                ChainImage *base, uint64_t size, bool active,
+                                GError **error)
+{
+    int top_idx = merge_layer_index(chain, top);
+    uint64_t top_end = top->virtual_size;
+    uint64_t exposed_end;
+    int ret;
+
+    if (top_idx < 0 || merge_layer_index(chain, base) <= top_idx) {
+        chainfs_set_error(error, ESTALE, "the layers of %s changed",
+                          chain->name);
+        return false;
+    }
+    if (base->virtual_size < size) {
+        if (!base->drv->grow(base, size, error)) {
+            g_prefix_error(error, "cannot grow %s: ", base->name);
+            return false;
+        }
+        /* Built for base's old size; the partial cluster at its old end
+         * may have moved into base. */
+        chain_map_invalidate(chain);
+    }
+    exposed_end = commit_exposed_end(chain, top_idx, active, base);
+    if (exposed_end <= top_end) {
+        return true;
+    }
+    ret = chain_image_zero_exposed(base, top_end, exposed_end);
+    if (ret == 0) {
+        ret = base->drv->flush(base);
+    }
+    if (ret < 0) {
+        chainfs_set_error(error, -ret, "cannot zero %s past the end of %s "
+                          "(%" G_GUINT64_FORMAT " to %" G_GUINT64_FORMAT
+                          " bytes): %s", base->name, top->name, top_end,
+                          exposed_end, g_strerror(-ret));
+        return false;
+    }
+    return true;
+}
+
+/* commit_prepare_base_locked under the topology write lock, which drains
+ * guest I/O: taken only when base must grow or be zeroed (asked first
+ * under the read lock), so that most commits never stall the guest. */
+static bool commit_prepare_base(Chain *chain, ChainImage *top,
+                                ChainImage *base, uint64_t size,
+                                GError **error)
+{
+    bool ok;
+    int top_idx;
+
+    chain_topo_rdlock(chain);
+    top_idx = merge_layer_index(chain, top);
+    ok = top_idx >= 0 && base->virtual_size >= size &&
+         commit_exposed_end(chain, top_idx, false, base) <= top->virtual_size;
+    chain_topo_unlock(chain);
+    if (ok) {
         return true;
     }
     chain_topo_wrlock(chain);
-    if (base->virtual_size < size) {
-        ok = base->drv->grow(base, size, error);
-        if (!ok) {
-            g_prefix_error(error, "cannot grow %s: ", base->name);
-        }
-    }
+    ok = commit_prepare_base_locked(chain, top, base, size, false, error);
     chain_topo_unlock(chain);
     return ok;
 }
@@ -451,7 +530,7 @@ static int commit_run(Job *job)
     CopyResult r = { .prefix = s->start };
     int ret;
 
-    if (!commit_grow_base(mj->chain, mj->base, mj->size, &err)) {
+    if (!commit_prepare_base(mj->chain, mj->top, mj->base, mj->size, &err)) {
         return merge_job_fail(mj, -chainfs_error_errno(err), "%s",
                               err->message);
     }
@@ -730,7 +809,7 @@ bool merge_commit_offline(MergeContext *ctx, Chain *chain,
     if (!ok) {
         return false;
     }
-    ok = commit_grow_base(chain, plan.base, plan.size, error) &&
+    ok = commit_prepare_base(chain, plan.top, plan.base, plan.size, error) &&
          offline_copy(chain, opts, &plan, progress, opaque, error) &&
          commit_finish(chain, plan.top, plan.base, opts->keep_relative,
                        reopened, &dropped, error);

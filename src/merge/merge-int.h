@@ -235,6 +235,21 @@ bool commit_finish(Chain *chain, ChainImage *top, ChainImage *base,
                    GError **error);
 
 /*
+ * Make base ready to take the place of the layers from top down to it
+ * (commit.c), with the topology write lock held: base grows to size when
+ * smaller (the driver zeroes the new range where base's own backing chain
+ * holds data: qcow2_grow), and past top's end, which the layers above top
+ * read as zeros and would then read from base, base is zeroed where it
+ * shows data (up to the smallest size above top; to base's end when
+ * active, as base becomes the active layer at the pivot), then flushed.
+ * Why before the copy and why again on a resume: the comment at the
+ * definition.  FALSE with the message when it cannot.
+ */
+bool commit_prepare_base_locked(Chain *chain, ChainImage *top,
+                                ChainImage *base, uint64_t size, bool active,
+                                GError **error);
+
+/*
  * Crash points, a TEST HOOK (merge.c), compiled in only with meson's
  * -Dcrash_points=true (CHAINFS_CRASH_POINTS; scripts/build.sh sets it for
  * the test builds; a packaged or default build has none, and a call

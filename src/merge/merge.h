@@ -117,6 +117,17 @@ void commit_estimate_clear(CommitEstimate *e);
 bool merge_snapshot(MergeContext *ctx, Chain *chain, const char *file,
                     GError **error);
 
+/*
+ * Grow the chain's disk to size bytes (a multiple of 512, else EINVAL):
+ * its active layer grows, the new range reads as zeros whatever the lower
+ * layers hold, durable on return.  A smaller size: EPERM; a
+ * live job on the chain: EBUSY; an active layer that cannot be written:
+ * EROFS.  The same size succeeds and changes nothing.  *old_size (when
+ * not NULL) gets the size before.  Order and crash safety: resize.c.
+ */
+bool merge_resize(MergeContext *ctx, Chain *chain, uint64_t size,
+                  uint64_t *old_size, GError **error);
+
 /* Verbs on the chain's current job.  No job: EINVAL "no job on NAME".
  * A verb the job's state refuses: EBUSY with "job in state S cannot V". */
 bool merge_job_pivot(Chain *chain, GError **error);

@@ -175,6 +175,22 @@ def test_snapshot_event_and_nothing_from_before_open(image_dir, mountpoint):
         assert layer_files(exp)[:2] == ["after.qcow2", "before.qcow2"]
 
 
+def test_resize_event(image_dir, mountpoint):
+    chain3(image_dir)
+    with mounted(image_dir, mountpoint) as m:
+        exp = m.path("vm1")
+        old = os.stat(exp).st_size
+        with Events(m.mountpoint, nonblock=True) as ev:
+            os.truncate(exp, old + 8 * 1024 * 1024)
+            e = ev.next()
+            assert e["event"] == "resize" and e["export"] == "vm1", e
+            assert (e["old_size"], e["size"]) == (old, old + 8 * 1024 * 1024), e
+            # A refused shrink is no event.
+            with pytest.raises(OSError):
+                os.truncate(exp, old)
+            assert ev.read_errno() == errno.EAGAIN
+
+
 def test_two_readers_each_get_every_event(image_dir, mountpoint):
     chain3(image_dir)
     with mounted(image_dir, mountpoint) as m:

@@ -30,6 +30,7 @@
 #include "chain-io.h"
 #include "chain-log.h"
 #include "export.h"
+#include "json.h"
 
 #define CHAINFS_XATTR_PREFIX "user.chainfs."
 /* Short: the chain's allocation and times change under the kernel's feet
@@ -194,12 +195,6 @@ static bool export_set_owner(Export *e, const struct stat *attr, int to_set,
 }
 
 /*
- * A disk file keeps its size: a size change is refused with EPERM (a
- * "change" to the current size is accepted).  Mode and owner go to the
- * active layer (export_set_owner); times are kept in memory for the life
- * of the mount, as a disk file would take them.
- */
-/*
  * truncate(2) of an export to another size (as `virsh blockresize` or
  * `qemu-img resize` would): a larger size grows the chain's active layer,
  * the new range reading as zeros (merge_resize); a smaller one is EPERM, a
@@ -226,9 +221,22 @@ static int export_resize(Daemon *d, Export *e, uint64_t size)
                 G_GUINT64_FORMAT " to %" G_GUINT64_FORMAT " bytes", old_size,
                 size);
     export_touch_content(e);
+    {
+        g_autoptr(GString) fields = g_string_new(NULL);
+
+        json_append_member_uint(fields, "old_size", old_size);
+        json_append_member_uint(fields, "size", size);
+        event_bus_emit(d->events, e->name, "resize", fields->str);
+    }
     return 0;
 }
 
+/*
+ * A size change is a resize (export_resize; a "change" to the current size
+ * is accepted).  Mode and owner go to the active layer (export_set_owner);
+ * times are kept in memory for the life of the mount, as a disk file
+ * would take them.
+ */
 static void chainfs_setattr(fuse_req_t req, fuse_ino_t ino, struct stat *attr,
                             int to_set, struct fuse_file_info *fi)
 {

@@ -100,54 +100,6 @@ static inline void map_ent_set(uint16_t *e, uint16_t v)
 
 /* ---- walking the layers ---------------------------------------------- */
 
-/*
- * Status of img and at most count-1 images below it (via ->backing) at
- * [offset, offset+bytes): the first of them that has the range allocated,
- * or past whose end the range lies, decides.  On exit *pnum > 0 is the run
- * length, *owner the deciding image (NULL when none), *steps how many
- * images below img it is.  Returns a BlockStatus (COMPRESSED reported as
- * DATA) or negative errno.
- */
-static int walk_status(ChainImage *img, guint count, uint64_t offset,
-                       uint64_t bytes, uint64_t *pnum, ChainImage **owner,
-                       guint *steps)
-{
-    uint64_t n = bytes;
-    guint i = 0;
-
-    for (ChainImage *l = img; l && i < count; l = l->backing, i++) {
-        uint64_t p;
-        int ret;
-
-        if (offset >= l->virtual_size) {
-            /* A shorter layer hides everything below its end. */
-            *pnum = n;
-            *owner = l;
-            *steps = i;
-            return BLOCK_ZERO;
-        }
-        n = MIN(n, l->virtual_size - offset);
-        ret = l->drv->block_status(l, offset, n, &p);
-        if (ret < 0) {
-            return ret;
-        }
-        if (p == 0) {
-            return -EIO;
-        }
-        n = MIN(n, p);
-        if (ret != BLOCK_UNALLOCATED) {
-            *pnum = n;
-            *owner = l;
-            *steps = i;
-            return ret == BLOCK_COMPRESSED ? BLOCK_DATA : ret;
-        }
-    }
-    *pnum = n;
-    *owner = NULL;
-    *steps = 0;
-    return BLOCK_UNALLOCATED;
-}
-
 /* Read what img and at most count-1 images below it show.  0 or -errno. */
 static int walk_read(ChainImage *img, guint count, uint64_t offset,
                      uint8_t *buf, uint64_t bytes)
@@ -156,7 +108,7 @@ static int walk_read(ChainImage *img, guint count, uint64_t offset,
         uint64_t n;
         ChainImage *owner;
         guint steps;
-        int ret = walk_status(img, count, offset, bytes, &n, &owner, &steps);
+        int ret = chain_walk_status(img, count, offset, bytes, &n, &owner, &steps);
 
         if (ret < 0) {
             return ret;
@@ -202,7 +154,7 @@ int chain_status_above(Chain *chain, guint top, guint base, uint64_t offset,
     if (top >= base || base > chain_depth(chain) || bytes == 0) {
         return -EINVAL;
     }
-    ret = walk_status(chain_layer(chain, top), base - top, offset, bytes,
+    ret = chain_walk_status(chain_layer(chain, top), base - top, offset, bytes,
                       pnum, &o, &steps);
     if (ret < 0) {
         return ret;
@@ -657,7 +609,7 @@ static int range_kind_run(Chain *chain, uint64_t offset, uint64_t bytes,
         ChainImage *o;
         guint steps;
 
-        ret = walk_status(chain_layer(chain, 0), G_MAXUINT, offset, n, pnum,
+        ret = chain_walk_status(chain_layer(chain, 0), G_MAXUINT, offset, n, pnum,
                           &o, &steps);
         if (ret >= 0) {
             ret = ret == BLOCK_DATA ? CHAIN_DATA : CHAIN_HOLE;

@@ -16,40 +16,6 @@
 
 #include "image.h"
 
-int chain_image_status_below(ChainImage *img, uint64_t offset,
-                             uint64_t bytes, uint64_t *pnum)
-{
-    uint64_t n = bytes;
-
-    /* The walk of chain-io.c's walk_status, for one image's own backing
-     * chain (libchain's drivers may call it without the chain map). */
-    for (ChainImage *l = img->backing; l; l = l->backing) {
-        uint64_t p = 0;
-        int ret;
-
-        if (offset >= l->virtual_size) {
-            /* A shorter layer hides everything below its end. */
-            *pnum = n;
-            return BLOCK_ZERO;
-        }
-        n = MIN(n, l->virtual_size - offset);
-        ret = l->drv->block_status(l, offset, n, &p);
-        if (ret < 0) {
-            return ret;
-        }
-        if (p == 0) {
-            return -EIO;
-        }
-        n = MIN(n, p);
-        if (ret != BLOCK_UNALLOCATED) {
-            *pnum = n;
-            return ret == BLOCK_COMPRESSED ? BLOCK_DATA : ret;
-        }
-    }
-    *pnum = n;
-    return BLOCK_UNALLOCATED;
-}
-
 /*
  * Whether the run of img at offset must be zeroed: img holds data there,
  * or leaves it to a backing chain that shows data.  Sets *pnum to the run

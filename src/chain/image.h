@@ -194,10 +194,23 @@ int chain_image_read_below(ChainImage *img, uint64_t offset, void *buf,
  * BLOCK_DATA (compressed included), BLOCK_ZERO, or BLOCK_UNALLOCATED when
  * no layer below holds the range or img has no backing file; the run
  * length in *pnum.  bytes > 0.  Per-layer walk, as chain_image_read_below
- * reads.  Implemented in image-grow.c.  A BlockStatus or negative errno.
+ * reads.  Implemented in chain-walk.c.  A BlockStatus or negative
+ * errno.
  */
 int chain_image_status_below(ChainImage *img, uint64_t offset,
                              uint64_t bytes, uint64_t *pnum);
+
+/*
+ * Status of img and at most count-1 images below it (via ->backing) at
+ * [offset, offset+bytes): the first of them that has the range allocated,
+ * or past whose end the range lies, decides.  On exit *pnum > 0 is the run
+ * length, *owner the deciding image (NULL when none), *steps how many
+ * images below img it is.  Returns a BlockStatus (COMPRESSED reported as
+ * DATA) or negative errno.  Implemented in chain-walk.c.
+ */
+int chain_walk_status(ChainImage *img, guint count, uint64_t offset,
+                      uint64_t bytes, uint64_t *pnum, ChainImage **owner,
+                      guint *steps);
 
 /*
  * Make [from, to) of img read as zeros wherever it would not already:

@@ -187,8 +187,10 @@ def test_dirty_image_with_corrupt_table_is_not_rebuilt(image_dir, mountpoint):
     with mounted(image_dir, mountpoint) as m:
         m.allowed_log = ["served read-only", "refused", "past the end"]
         exp = m.path("vm")
-        if os.path.exists(exp):
-            assert chain_info(exp)["writable"] is False
-            assert write_errno(exp, 0, b"z" * 4096) in (errno.EROFS, errno.EIO)
+        info = chain_info(exp)
+        assert info["writable"] is False, info
+        assert "cannot be rebuilt" in info["reason"] and "past the end" in info["reason"], info
+        assert write_errno(exp, 0, b"z" * 4096) == errno.EROFS
+        assert direct_read(exp, 0, 4096) == b"\x11" * 4096
         assert not log_lines(m, REBUILT), m.read_log()
     assert file_sha256(str(p)) == digest

@@ -205,37 +205,6 @@ static bool ctl_map_offline(const char *path, CtlMapChain *m)
     return ctl_map_open_and_scan(dir, file, NULL, false, m);
 }
 
-/* user.chainfs.chain of an export, newly allocated; NULL with errno. */
-static char *ctl_map_read_chain_attr(const char *path)
-{
-    static const char attr[] = "user.chainfs.chain";
-
-    /* The value may grow between asking its size and reading it. */
-    for (int tries = 0; tries < 100; tries++) {
-        ssize_t len = getxattr(path, attr, NULL, 0);
-
-        if (len < 0) {
-            if (errno == EINTR) {
-                continue;
-            }
-            return NULL;
-        }
-        g_autofree char *buf = g_malloc((gsize)len + 1);
-        ssize_t got = getxattr(path, attr, buf, (size_t)len);
-
-        if (got < 0) {
-            if (errno == ERANGE || errno == EINTR) {
-                continue;
-            }
-            return NULL;
-        }
-        buf[got] = '\0';
-        return g_steal_pointer(&buf);
-    }
-    errno = EAGAIN;
-    return NULL;
-}
-
 /* The layer names a chain object lists, active first; NULL if malformed. */
 static GPtrArray *ctl_map_attr_layer_files(const char *chain_json)
 {
@@ -260,7 +229,7 @@ static GPtrArray *ctl_map_attr_layer_files(const char *chain_json)
 
 static bool ctl_map_online(const char *path, CtlMapChain *m)
 {
-    g_autofree char *chain_json = ctl_map_read_chain_attr(path);
+    g_autofree char *chain_json = ctl_xattr_get(path, "chain");
     g_autofree char *dir = NULL;
     g_autofree char *name = NULL;
     g_autoptr(GPtrArray) files = NULL;

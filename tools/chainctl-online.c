@@ -32,13 +32,9 @@
 
 /* ---- attribute access ---------------------------------------------- */
 
-/*
- * Read user.chainfs.<attr> of path.  On success a newly allocated,
- * NUL-terminated value; on failure NULL with errno set.  The value may
- * grow between asking its size and reading it (a job's JSON does), so
- * ERANGE retries.
- */
-static char *ctl_xattr_get(const char *path, const char *attr)
+/* chainctl.h.  The value may grow between asking its size and reading it
+ * (a job's JSON does), so ERANGE retries. */
+char *ctl_xattr_get(const char *path, const char *attr)
 {
     g_autofree char *name = g_strconcat(CTL_XATTR_PREFIX, attr, NULL);
 

@@ -160,6 +160,12 @@ int ctl_print_commit_room(const char *room_json, const char *source);
 /* ---- chainctl-online.c: a mounted export --------------------------- */
 
 /*
+ * Read user.chainfs.<attr> of path (chainctl-online.c).  On success a newly
+ * allocated, NUL-terminated value; on failure NULL with errno set.
+ */
+char *ctl_xattr_get(const char *path, const char *attr);
+
+/*
  * Whether path is a chainfs export: 1 yes, 0 no (an ordinary file),
  * -errno when path cannot be looked at (missing, no permission).
  */

@@ -52,10 +52,11 @@ typedef struct {
     uint8_t *l2buf;      /* one L2 table, as on disk */
 } RefcountRebuild;
 
-static bool refuse(RefcountRebuild *r, GError **error, int code,
-                   const char *what)
+/* EOPNOTSUPP, whatever stops the rebuild: the image cannot be written, and
+ * the daemon serves it read-only (export.c), as QEMU reads it. */
+static bool refuse(RefcountRebuild *r, GError **error, const char *what)
 {
-    chainfs_set_error(error, code, "%s: qcow2 image is dirty (lazy refcounts "
+    chainfs_set_error(error, EOPNOTSUPP, "%s: qcow2 image is dirty (lazy refcounts "
                       "were not written back) and its refcounts cannot be "
                       "rebuilt: %s; run 'qemu-img check -r all %s'",
                       r->img->path, what, r->img->path);
@@ -76,11 +77,11 @@ static bool count_range(RefcountRebuild *r, uint64_t off, uint64_t len,
         g_autofree char *why = g_strdup_printf(
             "the %s at host offset %" G_GUINT64_FORMAT " lies past the end "
             "of the file", what, off);
-        return refuse(r, error, EINVAL, why);
+        return refuse(r, error, why);
     }
     for (uint64_t i = first; i <= last; i++) {
         if (r->counts[i] == UINT32_MAX) {
-            return refuse(r, error, EINVAL, "a cluster has too many "
+            return refuse(r, error, "a cluster has too many "
                           "references");
         }
         r->counts[i]++;
@@ -95,7 +96,7 @@ static bool count_l2(RefcountRebuild *r, uint64_t l2_off, GError **error)
     int ret;
 
     if (l2_off & (s->cluster_size - 1)) {
-        return refuse(r, error, EINVAL, "an L2 table is misaligned");
+        return refuse(r, error, "an L2 table is misaligned");
     }
     if (!count_range(r, l2_off, s->cluster_size, "L2 table", error)) {
         return false;
@@ -135,7 +136,7 @@ static bool count_l2(RefcountRebuild *r, uint64_t l2_off, GError **error)
             g_autofree char *why = g_strdup_printf(
                 "an L2 entry of the table at host offset %" G_GUINT64_FORMAT
                 " is corrupt (%s)", l2_off, fault);
-            return refuse(r, error, EINVAL, why);
+            return refuse(r, error, why);
         }
         if (!ok) {
             return false;
@@ -256,10 +257,10 @@ static bool rebuild_locked(ChainImage *img, int fd, GError **error)
     int ret;
 
     if (s->bad_l2) {
-        return refuse(&r, error, EINVAL, "an L2 table is corrupt");
+        return refuse(&r, error, "an L2 table is corrupt");
     }
     if (qcow2_valid_bitmaps_ext(s)) {
-        return refuse(&r, error, EOPNOTSUPP, "it has persistent bitmaps");
+        return refuse(&r, error, "it has persistent bitmaps");
     }
 
     /* Count the references the tables make. */
@@ -279,7 +280,7 @@ static bool rebuild_locked(ChainImage *img, int fd, GError **error)
      * itself. */
     size_structure(s, start, &rb_n, &rt_n);
     if (rt_n * cs > QCOW2_MAX_RT_BYTES) {
-        return refuse(&r, error, EFBIG, "the refcount table would be too "
+        return refuse(&r, error, "the refcount table would be too "
                       "large");
     }
     uint64_t total = start + rb_n + rt_n;
@@ -293,7 +294,7 @@ static bool rebuild_locked(ChainImage *img, int fd, GError **error)
             g_autofree char *why = g_strdup_printf(
                 "host cluster %" G_GUINT64_FORMAT " has %u references, more "
                 "than %u-bit refcounts hold", i, counts[i], s->refcount_bits);
-            return refuse(&r, error, EINVAL, why);
+            return refuse(&r, error, why);
         }
         qcow2_rc_set(s, blocks + (i / s->rb_entries) * cs, i % s->rb_entries,
                      counts[i]);

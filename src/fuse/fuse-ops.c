@@ -30,7 +30,6 @@
 #include "chain-io.h"
 #include "chain-log.h"
 #include "export.h"
-#include "json.h"
 
 #define CHAINFS_XATTR_PREFIX "user.chainfs."
 /* Short: the chain's allocation and times change under the kernel's feet
@@ -221,13 +220,6 @@ static int export_resize(Daemon *d, Export *e, uint64_t size)
                 G_GUINT64_FORMAT " to %" G_GUINT64_FORMAT " bytes", old_size,
                 size);
     export_touch_content(e);
-    {
-        g_autoptr(GString) fields = g_string_new(NULL);
-
-        json_append_member_uint(fields, "old_size", old_size);
-        json_append_member_uint(fields, "size", size);
-        event_bus_emit(d->events, e->name, "resize", fields->str);
-    }
     return 0;
 }
 

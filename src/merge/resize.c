@@ -25,6 +25,7 @@
 
 #include <errno.h>
 
+#include "json.h"
 #include "merge-int.h"
 
 typedef struct {
@@ -76,6 +77,14 @@ bool merge_resize(MergeContext *ctx, Chain *chain, uint64_t size,
     }
     if (old_size) {
         *old_size = r.old_size;
+    }
+    if (size > r.old_size) {
+        /* Like snapshot and pivot, through the context's event hook. */
+        g_autoptr(GString) fields = g_string_new(NULL);
+
+        json_append_member_uint(fields, "old_size", r.old_size);
+        json_append_member_uint(fields, "size", size);
+        merge_emit_event(chain->name, "resize", fields->str);
     }
     return true;
 }

@@ -488,18 +488,29 @@ static bool job_wait_interrupted(Job *job)
 bool job_rate_limit(Job *job, uint64_t bytes)
 {
     g_autoptr(GMutexLocker) locker = g_mutex_locker_new(&job->lock);
+    uint64_t ticket = job->rate_next_ticket++;
 
     for (;;) {
         int64_t delay;
 
         if (job_wait_interrupted(job)) {
             /* A pause ends the wait uncharged (at most one step of the
-             * job goes free); the caller pauses next. */
+             * job goes free); the caller pauses next.  Every waiter
+             * leaves, so the queue starts again empty. */
+            job->rate_serving = job->rate_next_ticket;
+            g_cond_broadcast(&job->cond);
             return job->cancel_requested;
+        }
+        if (ticket > job->rate_serving) {
+            /* Not our turn: the one before us wakes us when it passes. */
+            g_cond_wait(&job->cond, &job->lock);
+            continue;
         }
         delay = ratelimit_delay(&job->limit, bytes,
                                 g_get_monotonic_time() * 1000);
         if (delay == 0) {
+            job->rate_serving = MAX(job->rate_serving, ticket + 1);
+            g_cond_broadcast(&job->cond);
             return false;
         }
         /* Woken early by a speed change, a pause or a cancel. */

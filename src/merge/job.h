@@ -143,6 +143,12 @@ struct Job {
                              it asked is taken */
     int stop_err;
     RateLimit limit;
+    /* Waiters of job_rate_limit pass in the order they came (a ticket
+     * each): without it the copy workers raced for each refill and one
+     * window could lose for seconds, holding back the copied prefix (the
+     * job's offset, its checkpoints, its time left). */
+    uint64_t rate_next_ticket;
+    uint64_t rate_serving;
     GThread *thread;
     bool finished;        /* thread done: terminal status set */
 };
